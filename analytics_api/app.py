@@ -1,0 +1,28 @@
+"""The FastAPI application: Portkey-compatible routes under /v1, OpenAPI at /docs."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from analytics_api.auth import KeyVerifier
+from analytics_api.routers import health, logs
+from tollgate.settings import Settings
+from warehouse.client import ClientPool
+
+
+def create_app(settings: Settings, bootstrap: str | None = None, pool_size: int = 4) -> FastAPI:
+    """``bootstrap`` is the Kafka the API produces to (the embedded broker under `tollgate up`)."""
+    app = FastAPI(
+        title="Tollgate",
+        version="0.1.0",
+        description="Portkey-compatible analytics, logs, feedback, exports and policies for LLM gateways.",
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+    )
+    app.state.settings = settings
+    app.state.bootstrap = bootstrap or settings.kafka_bootstrap
+    app.state.warehouse = ClientPool(settings.warehouse_dsn, size=pool_size)
+    app.state.keys = KeyVerifier(app.state.warehouse, settings.auth_cache_seconds)
+    for router in (health.router, logs.router):
+        app.include_router(router, prefix="/v1")
+    return app

@@ -1,0 +1,166 @@
+"""The poll loop of one ingest consumer: fetch, hand to the pipeline, pause when it pushes back.
+
+Offsets are never auto-committed. On a rebalance the pipeline is drained (insert +
+commit) for a bounded time before the partitions go; whatever is still uncommitted
+is abandoned and re-delivered to the next owner, which the tables collapse.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from typing import Callable
+
+from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import CommitFailedError, KafkaError
+
+from ingest.dead_letter import DeadLetterQueue
+from ingest.events import Codec
+from ingest.pipeline import Batch, MessageRejected, Message, build_pipeline
+
+log = logging.getLogger(__name__)
+
+CONSUMER_DEFAULTS = dict(
+    enable_auto_commit=False,
+    auto_offset_reset="earliest",
+    max_poll_records=5000,
+    fetch_max_wait_ms=100,  # the embedded broker answers a fetch only after this wait
+    fetch_min_bytes=1 << 20,
+    fetch_max_bytes=64 << 20,
+    max_partition_fetch_bytes=16 << 20,
+    session_timeout_ms=10_000,
+    heartbeat_interval_ms=1_000,
+    max_poll_interval_ms=300_000,
+)
+
+
+class IngestConsumer:
+    """Consumes one topic into one table until :meth:`stop`."""
+
+    def __init__(
+        self,
+        *,
+        bootstrap: str,
+        topic: str,
+        group_id: str,
+        codec: Codec,
+        write: Callable,
+        dead_letters: DeadLetterQueue,
+        batch_size: int,
+        batch_seconds: float,
+        max_event_bytes: int,
+        retry_max_seconds: float = 30.0,
+        rebalance_drain_seconds: float = 5.0,
+        name: str = "",
+        consumer_overrides: dict | None = None,
+    ):
+        self.topic = topic
+        self.name = name or f"{topic}-consumer"
+        self.rebalance_drain_seconds = rebalance_drain_seconds
+        self._stop = threading.Event()
+        self._pending: deque[Message] = deque()
+        self._paused = False
+        self.stats = {"consumed": 0, "inserted": 0, "dead_lettered": 0, "batches": 0, "commits": 0}
+        config = {**CONSUMER_DEFAULTS, **(consumer_overrides or {})}
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap.split(","), group_id=group_id, client_id=self.name, **config
+        )
+        self.pipeline = build_pipeline(
+            codec,
+            write,
+            dead_letters,
+            self._commit,
+            batch_size=batch_size,
+            batch_seconds=batch_seconds,
+            max_event_bytes=max_event_bytes,
+            retry_max_seconds=retry_max_seconds,
+            on_insert=self._on_insert,
+        )
+        self._batcher = self.pipeline.next
+
+    # -- pipeline callbacks (consumer thread) --------------------------------
+    def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        assigned = self.consumer.assignment()
+        owned = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items() if TopicPartition(t, p) in assigned}
+        if not owned:
+            return
+        try:
+            self.consumer.commit(owned)
+            self.stats["commits"] += 1
+        except (CommitFailedError, KafkaError) as exc:  # lost the partitions meanwhile: re-delivered, collapsed
+            log.warning("%s: commit failed, the batch will be re-delivered: %s", self.name, exc)
+
+    def _on_insert(self, batch: Batch, seconds: float) -> None:
+        self.stats["inserted"] += len(batch.rows)
+        self.stats["dead_lettered"] += len(batch.dead_letters)
+        self.stats["batches"] += 1
+
+    # -- rebalance ---------------------------------------------------------------
+    def _on_revoked(self, revoked) -> None:
+        if not revoked:
+            return
+        log.info("%s: partitions revoked %s, draining", self.name, sorted((tp.topic, tp.partition) for tp in revoked))
+        self.pipeline.join(self.rebalance_drain_seconds)
+        self._batcher.abandon()  # anything not yet committed is re-delivered to the next owner
+        gone = {(tp.topic, tp.partition) for tp in revoked}
+        self._pending = deque(m for m in self._pending if m.tp not in gone)
+
+    def _on_assigned(self, assigned) -> None:
+        log.info("%s: partitions assigned %s", self.name, sorted((tp.topic, tp.partition) for tp in assigned))
+        self._paused = False
+
+    # -- loop ------------------------------------------------------------------
+    def run(self) -> None:
+        owner = self
+
+        class Listener(ConsumerRebalanceListener):
+            def on_partitions_revoked(self, revoked):
+                owner._on_revoked(revoked)
+
+            def on_partitions_assigned(self, assigned):
+                owner._on_assigned(assigned)
+
+        self.consumer.subscribe([self.topic], listener=Listener())
+        try:
+            while not self._stop.is_set():
+                self._step()
+            self.pipeline.join(None)  # drain: flush the open batch, insert, commit
+        finally:
+            self.pipeline.close()
+            self.consumer.close(autocommit=False)
+
+    def _step(self) -> None:
+        self._drain_pending()
+        if self._pending and not self._paused:
+            self.consumer.pause(*self.consumer.assignment())
+            self._paused = True
+        elif not self._pending and self._paused:
+            self.consumer.resume(*self.consumer.paused())
+            self._paused = False
+        records = self.consumer.poll(timeout_ms=100)
+        for tp, batch in records.items():
+            for r in batch:
+                self._pending.append(Message(tp.topic, tp.partition, r.offset, r.value, r.key, list(r.headers or [])))
+            self.stats["consumed"] += len(batch)
+        self._drain_pending()
+        self.pipeline.poll()
+
+    def _drain_pending(self) -> None:
+        pending = self._pending
+        submit = self.pipeline.submit
+        try:
+            while pending:
+                submit(pending[0])
+                pending.popleft()
+        except MessageRejected:
+            self.pipeline.poll()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+

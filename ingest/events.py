@@ -1,0 +1,375 @@
+"""Wire formats → rows.
+
+Each topic carries JSON values (documented in docs/events.md). A typed msgspec
+decode validates an event in C (about 2 µs for a 1.5 KB gateway log, because the
+request/response bodies are kept as raw JSON, never turned into Python objects);
+the few rules a type cannot express are checked after it. Anything wrong raises
+:class:`InvalidEvent` with a reason that names the field; the caller dead-letters it.
+
+A codec turns a list of valid events into one Arrow table for one insert.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Callable, Generic, TypeVar
+
+import msgspec
+import orjson
+import pyarrow as pa
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+_MIN_TS = datetime(1970, 1, 1, tzinfo=UTC)
+_MAX_TS = datetime(2200, 1, 1, tzinfo=UTC)
+
+NonNeg = Annotated[int, msgspec.Meta(ge=0, le=4_294_967_295)]
+NonNegF = Annotated[float, msgspec.Meta(ge=0)]
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Short = Annotated[str, msgspec.Meta(max_length=1024)]
+Status = Annotated[int, msgspec.Meta(ge=100, le=599)]
+Units = Annotated[float, msgspec.Meta(ge=0, le=4_294_967_295)]
+
+
+class InvalidEvent(ValueError):
+    """An event that can never be stored; ``reason`` says why, naming the field."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------- gateway logs
+
+
+class AnalyticsMetrics(msgspec.Struct, forbid_unknown_fields=False):
+    id: str | None = None
+    organisation_id: str | None = None
+    organisation_name: Short | None = None
+    prompt_id: Short | None = None
+    prompt_version_id: Short | None = None
+    config_id: Short | None = None
+    created_at: datetime | None = None
+    is_success: bool | None = None
+    ai_org: Short | None = None
+    ai_model: Short | None = None
+    req_units: Units | None = None
+    res_units: Units | None = None
+    total_units: Units | None = None
+    cost: NonNegF | None = None
+    cost_currency: Short | None = None
+    request_url: str | None = None
+    request_method: Short | None = None
+    response_status_code: Status | None = None
+    response_time: NonNeg | None = None
+    is_proxy_call: bool | None = None
+    cache_status: Short | None = None
+    cache_type: Short | None = None
+    stream_mode: Annotated[int, msgspec.Meta(ge=0, le=1)] | None = None
+    retry_success_count: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+    trace_id: Short | None = None
+    span_id: Short | None = None
+    span_name: Short | None = None
+    parent_span_id: Short | None = None
+    mode: Short | None = None
+    virtual_key: Short | None = None
+    source: Short | None = None
+    runtime: Short | None = None
+    runtime_version: Short | None = None
+    sdk_version: Short | None = None
+    config: Short | None = None
+    internal_trace_id: Short | None = None
+    last_used_option_index: Annotated[int, msgspec.Meta(ge=-1, le=2_147_483_647)] | None = None
+    config_version_id: Short | None = None
+    prompt_slug: Short | None = None
+    workspace_slug: Short | None = None
+    log_store_file_path_format: Short | None = None
+    metadata_key: list[str | None] | None = msgspec.field(default=None, name="metadata.key")
+    metadata_value: list[str | None] | None = msgspec.field(default=None, name="metadata.value")
+    metadata: dict[str, str | None] | None = None
+    api_key_id: Short | None = None
+    request_parsing_time: NonNeg | None = None
+    pre_processing_time: NonNeg | None = None
+    cache_processing_time: NonNeg | None = None
+    response_parsing_time: NonNeg | None = None
+    gateway_processing_time: NonNeg | None = None
+    upstream_response_time: NonNeg | None = None
+
+
+_RAW_EMPTY = msgspec.Raw(b"")
+
+
+class LogRequest(msgspec.Struct):
+    url: str
+    method: Short = ""
+    headers: msgspec.Raw = _RAW_EMPTY
+    body: msgspec.Raw = _RAW_EMPTY
+    portkeyHeaders: msgspec.Raw = _RAW_EMPTY
+
+
+class LogResponse(msgspec.Struct):
+    status: Status
+    responseTime: NonNeg | None = None
+    lastUsedOptionJsonPath: Short = ""
+    headers: msgspec.Raw = _RAW_EMPTY
+    body: msgspec.Raw = _RAW_EMPTY
+
+
+class GatewayLog(msgspec.Struct):
+    created_at: datetime
+    organisation_id: Id
+    request: LogRequest
+    response: LogResponse
+    metrics: AnalyticsMetrics = msgspec.field(default_factory=AnalyticsMetrics)
+    underscore_id: Id | None = msgspec.field(default=None, name="_id")
+    id: Id | None = None
+    finalUntransformedRequest: msgspec.Raw = _RAW_EMPTY
+    originalResponse: msgspec.Raw = _RAW_EMPTY
+    transformedRequest: msgspec.Raw = _RAW_EMPTY
+
+
+def _utc(ts: datetime, field: str) -> datetime:
+    ts = ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+    if not _MIN_TS <= ts < _MAX_TS:
+        raise InvalidEvent(f"`{field}` {ts.isoformat()} is outside 1970..2200")
+    return ts
+
+
+def _epoch_ms(ts: datetime) -> int:
+    return (ts - _EPOCH) // _MS
+
+
+def _text(raw: msgspec.Raw) -> bytes:
+    """Raw JSON kept as text; JSON null and absent both store as empty."""
+    b = bytes(raw)
+    return b"" if b == b"null" else b
+
+
+def _check_object(raw: msgspec.Raw, field: str) -> None:
+    b = bytes(raw)
+    if b and b != b"null" and not b.startswith(b"{"):
+        raise InvalidEvent(f"`{field}` must be a JSON object")
+
+
+def _metadata(m: AnalyticsMetrics) -> tuple[list[str], list[str]]:
+    if m.metadata is not None:
+        if m.metadata_key is not None or m.metadata_value is not None:
+            raise InvalidEvent("give metadata either as `metrics.metadata` or as `metrics.metadata.key`/`.value`, not both")
+        return list(m.metadata.keys()), [v if v is not None else "" for v in m.metadata.values()]
+    keys = m.metadata_key or []
+    values = m.metadata_value or []
+    if len(keys) != len(values):
+        raise InvalidEvent(
+            f"`metrics.metadata.key` has {len(keys)} items but `metrics.metadata.value` has {len(values)}"
+        )
+    if any(k is None or k == "" for k in keys):
+        raise InvalidEvent("`metrics.metadata.key` items must be non-empty strings")
+    return keys, [v if v is not None else "" for v in values]  # type: ignore[misc]
+
+
+_gateway_decoder = msgspec.json.Decoder(GatewayLog)
+
+
+def decode_gateway_log(value: bytes) -> tuple:
+    """Validate one gateway log event and return its generation row (GENERATION_COLUMNS order)."""
+    try:
+        ev = _gateway_decoder.decode(value)
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent(f"invalid gateway log: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidEvent(f"invalid JSON: {exc}") from None
+    m = ev.metrics
+    log_id = ev.underscore_id or ev.id or m.id
+    if not log_id:
+        raise InvalidEvent("missing required field `_id`")
+    if m.organisation_id and m.organisation_id != ev.organisation_id:
+        raise InvalidEvent("`metrics.organisation_id` differs from `organisation_id`")
+    created = _utc(ev.created_at, "created_at")
+    for name in ("headers", "body", "portkeyHeaders"):
+        _check_object(getattr(ev.request, name), f"request.{name}")
+    _check_object(ev.response.headers, "response.headers")
+    status = m.response_status_code if m.response_status_code is not None else ev.response.status
+    keys, values = _metadata(m)
+    req_units = int(m.req_units or 0)
+    res_units = int(m.res_units or 0)
+    total_units = int(m.total_units) if m.total_units is not None else req_units + res_units
+    debug = b""
+    if ev.finalUntransformedRequest or ev.originalResponse or ev.transformedRequest:
+        parts = {
+            k: msgspec.Raw(bytes(getattr(ev, k)))
+            for k in ("finalUntransformedRequest", "originalResponse", "transformedRequest")
+            if bytes(getattr(ev, k)) not in (b"", b"null")
+        }
+        debug = msgspec.json.encode(parts) if parts else b""
+    response_time = m.response_time if m.response_time is not None else (ev.response.responseTime or 0)
+    return (
+        log_id,
+        ev.organisation_id,
+        m.workspace_slug or "",
+        _epoch_ms(created),
+        m.organisation_name or "",
+        m.prompt_id or "",
+        m.prompt_version_id or "",
+        m.prompt_slug or "",
+        m.config_id or "",
+        m.config or "",
+        m.config_version_id or "",
+        m.is_success if m.is_success is not None else 200 <= status < 300,
+        m.ai_org or "",
+        m.ai_model or "",
+        req_units,
+        res_units,
+        total_units,
+        m.cost,
+        m.cost_currency or "USD",
+        m.request_url or ev.request.url,
+        m.request_method or ev.request.method,
+        status,
+        response_time,
+        bool(m.is_proxy_call),
+        m.cache_status,
+        m.cache_type,
+        m.stream_mode,
+        m.retry_success_count or 0,
+        m.trace_id or "",
+        m.span_id or "",
+        m.span_name or "",
+        m.parent_span_id or "",
+        m.mode or "",
+        m.virtual_key or "",
+        m.source or "",
+        m.runtime or "",
+        m.runtime_version or "",
+        m.sdk_version or "",
+        m.internal_trace_id or "",
+        m.last_used_option_index or 0,
+        m.log_store_file_path_format or "",
+        keys,
+        values,
+        m.api_key_id or "",
+        m.request_parsing_time or 0,
+        m.pre_processing_time or 0,
+        m.cache_processing_time or 0,
+        m.response_parsing_time or 0,
+        m.gateway_processing_time or 0,
+        m.upstream_response_time or 0,
+        _text(ev.request.headers),
+        _text(ev.request.body),
+        _text(ev.request.portkeyHeaders),
+        _text(ev.response.headers),
+        _text(ev.response.body),
+        ev.response.lastUsedOptionJsonPath,
+        debug,
+    )
+
+
+_TS = pa.timestamp("ms", tz="UTC")
+_STR = pa.string()
+_BIN = pa.binary()
+_STRS = pa.list_(pa.string())
+
+GENERATION_SCHEMA = pa.schema(
+    [
+        ("id", _STR), ("organisation_id", _STR), ("workspace_slug", _STR), ("created_at", _TS),
+        ("organisation_name", _STR), ("prompt_id", _STR), ("prompt_version_id", _STR), ("prompt_slug", _STR),
+        ("config_id", _STR), ("config", _STR), ("config_version_id", _STR), ("is_success", pa.bool_()),
+        ("ai_org", _STR), ("ai_model", _STR), ("req_units", pa.uint32()), ("res_units", pa.uint32()),
+        ("total_units", pa.uint32()), ("cost", pa.float64()), ("cost_currency", _STR), ("request_url", _STR),
+        ("request_method", _STR), ("response_status_code", pa.uint16()), ("response_time", pa.uint32()),
+        ("is_proxy_call", pa.bool_()), ("cache_status", _STR), ("cache_type", _STR), ("stream_mode", pa.uint8()),
+        ("retry_success_count", pa.uint16()), ("trace_id", _STR), ("span_id", _STR), ("span_name", _STR),
+        ("parent_span_id", _STR), ("mode", _STR), ("virtual_key", _STR), ("source", _STR), ("runtime", _STR),
+        ("runtime_version", _STR), ("sdk_version", _STR), ("internal_trace_id", _STR),
+        ("last_used_option_index", pa.int32()), ("log_store_file_path_format", _STR),
+        ("metadata.key", _STRS), ("metadata.value", _STRS), ("api_key_id", _STR),
+        ("request_parsing_time", pa.uint32()), ("pre_processing_time", pa.uint32()),
+        ("cache_processing_time", pa.uint32()), ("response_parsing_time", pa.uint32()),
+        ("gateway_processing_time", pa.uint32()), ("upstream_response_time", pa.uint32()),
+        ("request_headers", _BIN), ("request_body", _BIN), ("request_portkey_headers", _BIN),
+        ("response_headers", _BIN), ("response_body", _BIN), ("response_last_used_option_json_path", _STR),
+        ("debug_payloads", _BIN),
+    ]
+)
+
+
+# --------------------------------------------------------------------------- feedback
+
+
+class FeedbackEvent(msgspec.Struct):
+    id: Id
+    organisation_id: Id
+    created_at: datetime
+    trace_id: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+    value: Annotated[int, msgspec.Meta(ge=-10, le=10)]
+    weight: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+    metadata: dict[str, Any] | None = None
+    workspace_slug: Short | None = None
+    updated_at: datetime | None = None
+
+
+_feedback_decoder = msgspec.json.Decoder(FeedbackEvent)
+
+
+def _stringify(v: Any) -> str:
+    return v if isinstance(v, str) else orjson.dumps(v).decode()
+
+
+def decode_feedback(value: bytes) -> tuple:
+    try:
+        ev = _feedback_decoder.decode(value)
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent(f"invalid feedback: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidEvent(f"invalid JSON: {exc}") from None
+    created = _utc(ev.created_at, "created_at")
+    updated = _utc(ev.updated_at, "updated_at") if ev.updated_at is not None else created
+    meta = ev.metadata or {}
+    return (
+        ev.id,
+        ev.organisation_id,
+        ev.workspace_slug or "",
+        ev.trace_id,
+        ev.value,
+        float(ev.weight),
+        list(meta.keys()),
+        [_stringify(v) for v in meta.values()],
+        _epoch_ms(created),
+        _epoch_ms(updated),
+    )
+
+
+FEEDBACK_SCHEMA = pa.schema(
+    [
+        ("id", _STR), ("organisation_id", _STR), ("workspace_slug", _STR), ("trace_id", _STR),
+        ("value", pa.int8()), ("weight", pa.float64()), ("metadata.key", _STRS), ("metadata.value", _STRS),
+        ("created_at", _TS), ("updated_at", _TS),
+    ]
+)
+
+
+# --------------------------------------------------------------------------- codecs
+
+Row = TypeVar("Row")
+
+
+class Codec(Generic[Row]):
+    """How one topic's events become rows of one table."""
+
+    def __init__(self, table: str, schema: pa.Schema, decode: Callable[[bytes], tuple]):
+        self.table = table
+        self.schema = schema
+        self.decode = decode
+
+    def to_arrow(self, rows: list[tuple]) -> pa.Table:
+        columns = list(zip(*rows)) if rows else [[] for _ in self.schema]
+        arrays = []
+        for field, values in zip(self.schema, columns):
+            if pa.types.is_timestamp(field.type):
+                arrays.append(pa.array(values, pa.int64()).cast(field.type))
+            else:
+                arrays.append(pa.array(values, field.type))
+        return pa.Table.from_arrays(arrays, schema=self.schema)
+
+
+GENERATIONS = Codec("generations", GENERATION_SCHEMA, decode_gateway_log)
+FEEDBACK = Codec("feedback", FEEDBACK_SCHEMA, decode_feedback)

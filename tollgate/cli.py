@@ -1,0 +1,150 @@
+"""The `tollgate` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tollgate.settings import Settings
+
+
+def _settings(args) -> Settings:
+    overrides = {}
+    if getattr(args, "data_dir", None):
+        overrides["data_dir"] = Path(args.data_dir)
+    return Settings(**overrides)
+
+
+def cmd_up(args) -> int:
+    from tollgate.stack import up
+
+    s = _settings(args)
+    return up(s, args.host or s.api_host, args.port or s.api_port, ingest_workers=args.ingest_workers)
+
+
+def cmd_migrate(args) -> int:
+    from warehouse.client import connect
+    from warehouse.migrate import migrate
+
+    s = _settings(args)
+    applied = migrate(connect(s.warehouse_dsn), s.retention_days)
+    print(f"{len(applied)} migration(s) applied" + (": " + ", ".join(applied) if applied else ""))
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    from tollgate.stack import run_ingest
+
+    return run_ingest(_settings(args), workers=args.workers)
+
+
+def cmd_api(args) -> int:
+    from tollgate.stack import run_api
+
+    s = _settings(args)
+    return run_api(s, args.host or s.api_host, args.port or s.api_port)
+
+
+def cmd_keys_create(args) -> int:
+    from analytics_api.auth import SCOPES, hash_key, new_key, validate_scopes
+    from warehouse.client import WarehouseUnavailable, connect
+    from warehouse.migrate import migrate
+    from warehouse.queries import api_keys
+
+    s = _settings(args)
+    try:
+        scopes = validate_scopes([x.strip() for x in args.scopes.split(",") if x.strip()]) if args.scopes else list(SCOPES)
+    except ValueError as exc:
+        print(f"error: --scopes: {exc}", file=sys.stderr)
+        return 2
+    try:
+        client = connect(s.warehouse_dsn)
+    except WarehouseUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    migrate(client)
+    key = new_key()
+    row = api_keys.insert(
+        client, key_hash=hash_key(key), organisation_id=args.org, workspace_slug=args.workspace or "",
+        scopes=scopes, name=args.name or "",
+    )
+    kind = f"workspace '{args.workspace}'" if args.workspace else "organisation"
+    print(f"created {kind} key {row.id} for organisation '{args.org}' with scopes {','.join(scopes)}")
+    print("the key is shown once:")
+    print(key)
+    return 0
+
+
+def cmd_seed(args) -> int:
+    from ingest.producer import make_producer
+    from tollgate.seed import publish
+    from tollgate.stack import kafka_bootstrap
+
+    s = _settings(args)
+    producer = make_producer(kafka_bootstrap(s))
+    counts = publish(
+        producer, s, events=args.events, days=args.days, org=args.org or s.default_organisation,
+        workspace=args.workspace or s.default_workspace, seed=args.seed,
+    )
+    producer.close()
+    print(f"published {counts['gateway_logs']} gateway logs and {counts['feedback']} feedback events")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tollgate", description=__doc__)
+    p.add_argument("--log-level", default="WARNING", help="Python log level (default WARNING)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run the whole embedded stack in one process")
+    up.add_argument("--host")
+    up.add_argument("--port", type=int)
+    up.add_argument("--data-dir")
+    up.add_argument("--ingest-workers", type=int, help="consumers per topic (default TOLLGATE_INGEST_WORKERS)")
+    up.set_defaults(func=cmd_up)
+
+    m = sub.add_parser("migrate", help="apply pending warehouse migrations")
+    m.add_argument("--data-dir")
+    m.set_defaults(func=cmd_migrate)
+
+    i = sub.add_parser("ingest", help="run ingest consumers only (production role)")
+    i.add_argument("--workers", type=int)
+    i.add_argument("--data-dir")
+    i.set_defaults(func=cmd_ingest)
+
+    a = sub.add_parser("api", help="run the API only (production role)")
+    a.add_argument("--host")
+    a.add_argument("--port", type=int)
+    a.add_argument("--data-dir")
+    a.set_defaults(func=cmd_api)
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
+    kc = keys.add_parser("create", help="create an API key; the key is the last line of output")
+    kc.add_argument("--org", required=True)
+    kc.add_argument("--workspace")
+    kc.add_argument("--scopes", help="comma-separated; default: all scopes")
+    kc.add_argument("--name")
+    kc.add_argument("--data-dir")
+    kc.set_defaults(func=cmd_keys_create)
+
+    sd = sub.add_parser("seed", help="publish deterministic synthetic gateway traffic to Kafka")
+    sd.add_argument("--events", type=int, default=10_000)
+    sd.add_argument("--days", type=float, default=7)
+    sd.add_argument("--org")
+    sd.add_argument("--workspace")
+    sd.add_argument("--seed", type=int, default=0)
+    sd.add_argument("--data-dir")
+    sd.set_defaults(func=cmd_seed)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""All configuration, from environment variables prefixed ``TOLLGATE_``.
+
+Every field here is documented in README.md ("Settings"). A field added here is
+a public setting; compose.yaml may only set variables that exist here.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TOLLGATE_", extra="ignore")
+
+    # -- where things live -------------------------------------------------
+    data_dir: Path = Field(Path(".tollgate"), description="Embedded warehouse, runtime state, local exports.")
+    clickhouse_dsn: str | None = Field(
+        None, description="chdb:///abs/path (embedded, default <data dir>/warehouse) or http(s)://user:pass@host:8123/db."
+    )
+    kafka_bootstrap: str | None = Field(None, description="host:port[,host:port]; unset = start the embedded broker.")
+
+    # -- topics ------------------------------------------------------------
+    topic_gateway_logs: str = "tollgate.gateway-logs"
+    topic_feedback: str = "tollgate.feedback"
+    topic_audit: str = "tollgate.audit"
+    topic_dead_letter: str = "tollgate.dead-letter"
+    topic_partitions: int = Field(6, ge=1, description="Partitions for topics that Tollgate creates.")
+
+    # -- ingest ------------------------------------------------------------
+    ingest_batch_size: int = Field(20_000, ge=1, description="Flush a batch at this many events ...")
+    ingest_batch_seconds: float = Field(1.0, gt=0, description="... or when the oldest event waited this long.")
+    ingest_max_event_bytes: int = Field(1_048_576, ge=1024, description="Larger events are dead-lettered.")
+    ingest_consumer_group: str = "tollgate-ingest"
+    ingest_workers: int = Field(1, ge=1, description="Consumers per topic inside one ingest process.")
+    ingest_retry_max_seconds: float = Field(30.0, gt=0, description="Cap of the insert retry back-off.")
+
+    # -- warehouse -----------------------------------------------------------
+    retention_days: int = Field(365, ge=0, description="TTL of generations in days; 0 keeps rows forever.")
+
+    # -- tenancy defaults -------------------------------------------------------
+    default_organisation: str = Field("default-org", description="Organisation of the admin key `tollgate up` creates; seed default.")
+    default_workspace: str = Field("default", description="Workspace used when an organisation key names none; seed default.")
+
+    # -- API ------------------------------------------------------------------
+    api_host: str = "127.0.0.1"
+    api_port: int = 8787
+    auth_cache_seconds: float = Field(2.0, ge=0, description="How long a verified key is trusted before re-checking.")
+
+    @cached_property
+    def warehouse_dsn(self) -> str:
+        if self.clickhouse_dsn:
+            return self.clickhouse_dsn
+        return f"chdb://{(self.data_dir / 'warehouse').resolve()}"
+
+    @property
+    def is_embedded_warehouse(self) -> bool:
+        return self.warehouse_dsn.startswith("chdb:")
+
+    @property
+    def event_topics(self) -> list[str]:
+        return [self.topic_gateway_logs, self.topic_feedback, self.topic_audit]
+
+    @property
+    def all_topics(self) -> list[str]:
+        return [*self.event_topics, self.topic_dead_letter]
+
+    @property
+    def stack_file(self) -> Path:
+        """Runtime facts of a running `tollgate up` (broker address, API URL, pid)."""
+        return self.data_dir / "stack.json"
+
+
+def load_settings(**overrides) -> Settings:
+    return Settings(**overrides)

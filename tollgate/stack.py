@@ -1,0 +1,187 @@
+"""`tollgate up`: the whole embedded stack in one process, and the production roles.
+
+One process because one chdb data directory can be opened by one process only:
+the broker runs as a child process; migrations, ingest consumers, the scheduler
+and the API share this process and its warehouse engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from contextlib import ExitStack
+
+import uvicorn
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from analytics_api.app import create_app
+from analytics_api.auth import SCOPES, hash_key, new_key
+from ingest.producer import ensure_topics
+from ingest.workers import IngestWorkers
+from tollgate.broker import EmbeddedBroker
+from tollgate.settings import Settings
+from warehouse.client import connect
+from warehouse.migrate import migrate
+from warehouse.queries import api_keys
+
+log = logging.getLogger("tollgate")
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set an event the main thread waits on."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.event.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop waiting for the drain
+        self.event.set()
+
+    def wait(self) -> None:
+        while not self.event.wait(0.5):
+            pass
+
+
+def read_stack_file(settings: Settings) -> dict | None:
+    try:
+        info = json.loads(settings.stack_file.read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(int(info["pid"]), 0)
+    except (OSError, KeyError, ValueError):
+        return None  # stale: that process is gone
+    return info
+
+
+def kafka_bootstrap(settings: Settings) -> str:
+    """Kafka for producers run from a shell: the setting, else the running embedded stack's broker."""
+    if settings.kafka_bootstrap:
+        return settings.kafka_bootstrap
+    info = read_stack_file(settings)
+    if info and info.get("kafka_bootstrap"):
+        return info["kafka_bootstrap"]
+    raise SystemExit(
+        "no Kafka to talk to: set TOLLGATE_KAFKA_BOOTSTRAP, or start the embedded stack with `tollgate up` "
+        f"(looked for {settings.stack_file})"
+    )
+
+
+def ensure_admin_key(settings: Settings, client) -> str | None:
+    """On first start with no keys, create an organisation admin key and return it."""
+    if api_keys.count(client) > 0:
+        return None
+    key = new_key()
+    api_keys.insert(
+        client,
+        key_hash=hash_key(key),
+        organisation_id=settings.default_organisation,
+        workspace_slug="",
+        scopes=list(SCOPES),
+        name="admin (created by tollgate up)",
+    )
+    return key
+
+
+class ApiServer:
+    """uvicorn on a thread, so the main thread owns signals and the shutdown order."""
+
+    def __init__(self, app, host: str, port: int):
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, name="api", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the API server did not start (is the port free?)")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+def up(settings: Settings, host: str, port: int, ingest_workers: int | None = None) -> int:
+    stop = StopSignal()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    running = read_stack_file(settings)
+    if running:
+        say(f"tollgate is already running (pid {running['pid']}) at {running.get('api_url')}")
+        return 1
+    with ExitStack() as cleanup:
+        broker = None
+        bootstrap = settings.kafka_bootstrap
+        if not bootstrap:
+            broker = EmbeddedBroker(log_path=settings.data_dir / "broker.log").start()
+            cleanup.callback(broker.stop)
+            bootstrap = broker.bootstrap
+            say(f"embedded Kafka broker (Tansu) on {bootstrap}")
+        ensure_topics(bootstrap, settings.all_topics, settings.topic_partitions)
+
+        client = connect(settings.warehouse_dsn)
+        applied = migrate(client, settings.retention_days)
+        say(f"warehouse {settings.warehouse_dsn}: {len(applied)} migration(s) applied")
+        admin_key = ensure_admin_key(settings, client)
+
+        workers = IngestWorkers(settings, bootstrap, workers=ingest_workers)
+        workers.start()
+        cleanup.callback(workers.stop)  # runs before the broker stops: drain, insert, commit
+
+        scheduler = BackgroundScheduler(timezone="UTC")
+        scheduler.start()
+        cleanup.callback(scheduler.shutdown, wait=True)
+
+        api = ApiServer(create_app(settings, bootstrap), host, port)
+        api.start()
+        cleanup.callback(api.stop)  # first to stop: no new requests while draining
+
+        api_url = f"http://{host}:{port}/v1"
+        settings.stack_file.write_text(
+            json.dumps({"pid": os.getpid(), "api_url": api_url, "kafka_bootstrap": bootstrap,
+                        "embedded_broker": broker is not None})
+        )
+        cleanup.callback(settings.stack_file.unlink, missing_ok=True)
+        if admin_key:
+            say(f"created an organisation admin key for organisation '{settings.default_organisation}' (shown once):")
+            say(f"  {admin_key}")
+        say(f"API: {api_url}  (OpenAPI docs: http://{host}:{port}/docs)")
+        say("tollgate is ready")
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+        say("stopping: draining ingest workers…")
+    say("stopped")
+    return 0
+
+
+def run_ingest(settings: Settings, workers: int | None = None) -> int:
+    """Production role: consumers only, against a Kafka cluster and a ClickHouse server."""
+    stop = StopSignal()
+    bootstrap = kafka_bootstrap(settings)
+    ensure_topics(bootstrap, settings.all_topics, settings.topic_partitions)
+    pool = IngestWorkers(settings, bootstrap, workers=workers)
+    pool.start()
+    say(f"ingest: {len(pool.consumers)} consumer(s) on {bootstrap} → {settings.warehouse_dsn}")
+    stop.wait()
+    pool.stop()
+    return 0
+
+
+def run_api(settings: Settings, host: str, port: int) -> int:
+    """Production role: the API only."""
+    uvicorn.run(create_app(settings, kafka_bootstrap(settings)), host=host, port=port, log_level="info")
+    return 0

@@ -1,0 +1,87 @@
+"""The only way Tollgate talks to ClickHouse: a clickhouse-connect client.
+
+``chdb://PATH`` runs the ClickHouse engine in-process (embedded default);
+``http(s)://user:pass@host:port/db`` reaches a server. Every component that needs
+the warehouse calls :func:`connect` and gets its own client (its own chdb handle,
+so calls from different threads do not serialize on one lock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import ProgrammingError
+
+# Settings every session gets: UTC everywhere, and exact results for the
+# aggregates analytics relies on.
+SESSION_SETTINGS: dict[str, Any] = {
+    "date_time_output_format": "iso",
+}
+
+
+class WarehouseUnavailable(RuntimeError):
+    """The warehouse cannot be opened (embedded dir locked by another process, server down)."""
+
+
+def chdb_path(dsn: str) -> str:
+    """``chdb:///abs/path`` or ``chdb://relative/path`` → filesystem path."""
+    rest = dsn[len("chdb://"):] if dsn.startswith("chdb://") else dsn[len("chdb:"):]
+    return str(Path(rest).resolve())
+
+
+def connect(dsn: str, database: str | None = None, **settings: Any) -> Client:
+    """A client for ``dsn``; ``database`` overrides the DSN's (tests use one database each)."""
+    merged = {**SESSION_SETTINGS, **settings}
+    if dsn.startswith("chdb:"):
+        path = chdb_path(dsn)
+        os.makedirs(path, exist_ok=True)
+        try:
+            return clickhouse_connect.get_client(interface="chdb", path=path, database=database, settings=merged)
+        except ProgrammingError as exc:
+            raise WarehouseUnavailable(
+                f"cannot open the embedded warehouse at {path}: another process (a running `tollgate up`?) "
+                f"holds it. Stop that process, or point TOLLGATE_CLICKHOUSE_DSN at a ClickHouse server. ({exc})"
+            ) from exc
+    try:
+        return clickhouse_connect.get_client(dsn=dsn, database=database, settings=merged, autogenerate_session_id=False)
+    except Exception as exc:  # connection refused, auth, DNS
+        raise WarehouseUnavailable(f"cannot reach ClickHouse at {redact(dsn)}: {exc}") from exc
+
+
+def redact(dsn: str) -> str:
+    """The DSN without its password, for messages."""
+    if "@" not in dsn or "://" not in dsn:
+        return dsn
+    scheme, rest = dsn.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+
+class ClientPool:
+    """A few clients shared by request handlers; each call borrows one.
+
+    chdb serializes calls on one handle, and a clickhouse-connect client is not meant
+    to run concurrent queries, so the pool size is the query concurrency.
+    """
+
+    def __init__(self, dsn: str, size: int = 4, **settings: Any):
+        self._idle: queue.Queue[Client] = queue.Queue()
+        for _ in range(size):
+            self._idle.put(connect(dsn, **settings))
+
+    @contextlib.contextmanager
+    def borrow(self) -> Iterator[Client]:
+        client = self._idle.get()
+        try:
+            yield client
+        finally:
+            self._idle.put(client)

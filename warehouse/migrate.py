@@ -1,0 +1,115 @@
+"""Migration runner: applies ``migrations/NNNN_name.sql`` in order, once each.
+
+Each applied file is recorded in ``schema_migrations`` with its SHA-256. Running
+twice is a no-op; an applied file whose text changed stops the run (write a new
+migration instead of editing an old one). After the files, the retention TTL of
+``generations`` is set from ``TOLLGATE_RETENTION_DAYS`` (a setting, not a file,
+so changing it needs no new migration).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from clickhouse_connect.driver.client import Client
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+_FILE_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+LEDGER_DDL = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version UInt32,
+    name String,
+    checksum String,
+    applied_at DateTime64(3, 'UTC') DEFAULT now64(3)
+) ENGINE = MergeTree ORDER BY version
+"""
+
+
+class MigrationError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    path: Path
+
+    @property
+    def sql(self) -> str:
+        return self.path.read_text(encoding="utf-8")
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+    def statements(self) -> list[str]:
+        """Statements are separated by a ``;`` at the end of a line."""
+        body = "\n".join(line for line in self.sql.splitlines() if not line.lstrip().startswith("--"))
+        return [s.strip() for s in re.split(r";\s*$", body, flags=re.MULTILINE) if s.strip()]
+
+
+def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    found: list[Migration] = []
+    for path in sorted(directory.glob("*.sql")):
+        match = _FILE_RE.match(path.name)
+        if not match:
+            raise MigrationError(f"{path.name}: migration files are named NNNN_snake_name.sql")
+        found.append(Migration(int(match.group(1)), match.group(2), path))
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"duplicate migration numbers in {directory}")
+    return found
+
+
+def applied(client: Client) -> dict[int, tuple[str, str]]:
+    rows = client.query("SELECT version, name, checksum FROM schema_migrations ORDER BY version").result_rows
+    return {int(v): (n, c) for v, n, c in rows}
+
+
+def migrate(client: Client, retention_days: int | None = None, directory: Path = MIGRATIONS_DIR) -> list[str]:
+    """Apply pending migrations; return the names applied now."""
+    client.command(LEDGER_DDL)
+    done = applied(client)
+    files = discover(directory)
+    for m in files:
+        if m.version in done and done[m.version][1] != m.checksum:
+            raise MigrationError(
+                f"migration {m.path.name} was edited after it was applied "
+                f"(recorded sha256 {done[m.version][1][:12]}…, file now {m.checksum[:12]}…); "
+                "add a new migration instead"
+            )
+    newly: list[str] = []
+    for m in files:
+        if m.version in done:
+            continue
+        for statement in m.statements():
+            client.command(statement)
+        client.insert(
+            "schema_migrations", [[m.version, m.name, m.checksum]], column_names=["version", "name", "checksum"]
+        )
+        newly.append(m.path.name)
+    if retention_days is not None:
+        apply_retention(client, retention_days)
+    return newly
+
+
+def apply_retention(client: Client, days: int) -> None:
+    """Set (or remove, for 0) the row TTL of ``generations`` without rewriting parts."""
+    ddl = client.command("SELECT create_table_query FROM system.tables WHERE database = currentDatabase() AND name = 'generations'")
+    wanted = f"toIntervalDay({int(days)})"
+    has_ttl = " TTL " in str(ddl)
+    if days == 0:
+        if has_ttl:
+            client.command("ALTER TABLE generations REMOVE TTL")
+        return
+    if has_ttl and wanted in str(ddl):
+        return
+    client.command(
+        f"ALTER TABLE generations MODIFY TTL toDateTime(created_at) + toIntervalDay({int(days)})",
+        settings={"materialize_ttl_after_modify": 0},
+    )

@@ -1,0 +1,135 @@
+"""Shared fixtures: a real Kafka-protocol broker (Tansu) and a real ClickHouse engine (chdb).
+
+One chdb engine path per process: the whole session shares one warehouse
+directory. Tests stay independent by using their own organisation ids and their
+own topics (``settings`` gives each test fresh topic names). Tests that need a
+warehouse of their own (crash tests) run ingest in subprocesses.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+
+from analytics_api.app import create_app
+from analytics_api.auth import SCOPES, hash_key, new_key
+from ingest.producer import ensure_topics, make_producer
+from ingest.workers import IngestWorkers
+from tollgate.broker import EmbeddedBroker
+from tollgate.settings import Settings
+from warehouse.client import connect
+from warehouse.migrate import migrate
+from warehouse.queries import api_keys
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+@pytest.fixture(scope="session")
+def broker():
+    with EmbeddedBroker() as b:
+        yield b
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tollgate")
+
+
+@pytest.fixture(scope="session")
+def base_settings(data_dir, broker) -> Settings:
+    return Settings(
+        data_dir=data_dir,
+        kafka_bootstrap=broker.bootstrap,
+        retention_days=0,
+        ingest_batch_size=2_000,
+        ingest_batch_seconds=0.2,
+        topic_partitions=3,
+        auth_cache_seconds=0.0,
+    )
+
+
+@pytest.fixture(scope="session")
+def warehouse(base_settings):
+    client = connect(base_settings.warehouse_dsn)
+    migrate(client, retention_days=0)
+    return client
+
+
+@pytest.fixture
+def settings(base_settings, broker) -> Settings:
+    """Fresh topics and consumer group per test, on the shared broker and warehouse."""
+    suffix = uuid.uuid4().hex[:8]
+    s = base_settings.model_copy(
+        update=dict(
+            topic_gateway_logs=f"t{suffix}.gateway-logs",
+            topic_feedback=f"t{suffix}.feedback",
+            topic_audit=f"t{suffix}.audit",
+            topic_dead_letter=f"t{suffix}.dead-letter",
+            ingest_consumer_group=f"g{suffix}",
+        )
+    )
+    ensure_topics(broker.bootstrap, s.all_topics, s.topic_partitions)
+    return s
+
+
+@pytest.fixture
+def org() -> str:
+    return f"org-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def producer(broker):
+    p = make_producer(broker.bootstrap)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def workers(settings, broker, warehouse):
+    """Ingest consumers for this test's topics, running on threads."""
+    pool = IngestWorkers(settings, broker.bootstrap)
+    pool.start()
+    yield pool
+    pool.stop()
+
+
+@pytest.fixture
+def api(settings, warehouse):
+    app = create_app(settings, settings.kafka_bootstrap, pool_size=2)
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.fixture
+def make_key(warehouse) -> Callable[..., str]:
+    def _make(org: str, workspace: str = "", scopes: list[str] | None = None) -> str:
+        key = new_key()
+        api_keys.insert(warehouse, key_hash=hash_key(key), organisation_id=org, workspace_slug=workspace,
+                        scopes=list(SCOPES) if scopes is None else scopes)
+        return key
+
+    return _make
+
+
+def publish(producer, topic: str, events: list) -> None:
+    """Send dicts (as JSON) or raw bytes, then wait for every ack."""
+    for ev in events:
+        producer.send(topic, ev if isinstance(ev, bytes) else orjson.dumps(ev))
+    producer.flush()
+
+
+def count_generations(client, org: str) -> int:
+    return int(client.command("SELECT count() FROM generations FINAL WHERE organisation_id = {o:String}", parameters={"o": org}))

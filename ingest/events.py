@@ -22,6 +22,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 _MIN_TS = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_TS = datetime(2200, 1, 1, tzinfo=UTC)
+_UINT32_MAX = 4_294_967_295
 
 NonNeg = Annotated[int, msgspec.Meta(ge=0, le=4_294_967_295)]
 NonNegF = Annotated[float, msgspec.Meta(ge=0)]
@@ -129,10 +130,23 @@ class GatewayLog(msgspec.Struct):
 
 
 def _utc(ts: datetime, field: str) -> datetime:
-    ts = ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
-    if not _MIN_TS <= ts < _MAX_TS:
-        raise InvalidEvent(f"`{field}` {ts.isoformat()} is outside 1970..2200")
-    return ts
+    try:
+        utc = ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is before datetime.min in UTC
+        raise InvalidEvent(f"`{field}` {ts.isoformat()} is outside 1970..2200") from None
+    if not _MIN_TS <= utc < _MAX_TS:
+        raise InvalidEvent(f"`{field}` {utc.isoformat()} is outside 1970..2200")
+    return utc
+
+
+def _require_utf8(value: bytes) -> None:
+    """JSON text is UTF-8 (RFC 8259). msgspec raises UnicodeDecodeError for bad bytes inside
+    strings, and keeps bad bytes inside raw request/response bodies, which would then be
+    stored and served as invalid JSON; reject both here."""
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent(f"invalid JSON: not UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
 def _epoch_ms(ts: datetime) -> int:
@@ -172,6 +186,7 @@ _gateway_decoder = msgspec.json.Decoder(GatewayLog)
 
 def decode_gateway_log(value: bytes) -> tuple:
     """Validate one gateway log event and return its generation row (GENERATION_COLUMNS order)."""
+    _require_utf8(value)
     try:
         ev = _gateway_decoder.decode(value)
     except msgspec.ValidationError as exc:
@@ -193,6 +208,8 @@ def decode_gateway_log(value: bytes) -> tuple:
     req_units = int(m.req_units or 0)
     res_units = int(m.res_units or 0)
     total_units = int(m.total_units) if m.total_units is not None else req_units + res_units
+    if total_units > _UINT32_MAX:  # only possible when computed; the column is UInt32
+        raise InvalidEvent(f"`metrics.total_units` (req_units + res_units = {total_units}) exceeds {_UINT32_MAX}")
     debug = b""
     if ev.finalUntransformedRequest or ev.originalResponse or ev.transformedRequest:
         parts = {
@@ -311,10 +328,16 @@ _feedback_decoder = msgspec.json.Decoder(FeedbackEvent)
 
 
 def _stringify(v: Any) -> str:
-    return v if isinstance(v, str) else orjson.dumps(v).decode()
+    if isinstance(v, str):
+        return v
+    try:
+        return orjson.dumps(v).decode()
+    except TypeError:  # orjson rejects integers beyond 64 bits, which JSON (and msgspec) allow
+        return msgspec.json.encode(v).decode()
 
 
 def decode_feedback(value: bytes) -> tuple:
+    _require_utf8(value)
     try:
         ev = _feedback_decoder.decode(value)
     except msgspec.ValidationError as exc:

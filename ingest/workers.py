@@ -45,7 +45,7 @@ class IngestWorkers:
                     IngestConsumer(
                         bootstrap=bootstrap,
                         topic=topic,
-                        group_id=settings.ingest_consumer_group,
+                        group_id=f"{settings.ingest_consumer_group}.{topic}",  # one group per topic: members of a group must share subscriptions
                         codec=codecs[topic],
                         write=arrow_writer(settings.warehouse_dsn),
                         dead_letters=self.dead_letters,

@@ -16,6 +16,7 @@ from typing import Callable
 import orjson
 import pytest
 from fastapi.testclient import TestClient
+from kafka import KafkaAdminClient, TopicPartition
 
 from analytics_api.app import create_app
 from analytics_api.auth import SCOPES, hash_key, new_key
@@ -124,11 +125,34 @@ def make_key(warehouse) -> Callable[..., str]:
     return _make
 
 
-def publish(producer, topic: str, events: list) -> None:
-    """Send dicts (as JSON) or raw bytes, then wait for every ack."""
-    for ev in events:
-        producer.send(topic, ev if isinstance(ev, bytes) else orjson.dumps(ev))
+def publish(producer, topic: str, events: list) -> dict[int, int]:
+    """Send dicts (as JSON) or raw bytes, wait for every ack; return each partition's end offset.
+
+    (The end offset comes from the acks: Tansu's ListOffsets answers the base offset
+    of the last record batch, not the high watermark.)
+    """
+    futures = [producer.send(topic, ev if isinstance(ev, bytes) else orjson.dumps(ev)) for ev in events]
     producer.flush()
+    ends: dict[int, int] = {}
+    for f in futures:
+        meta = f.get(timeout=30)
+        ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
+    return ends
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    """The offsets a consumer group committed on ``topic`` (-1 where none)."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        parts = [TopicPartition(topic, p) for p in range(partitions)]
+        committed = admin.list_group_offsets({group: parts}).get(group, {})
+        return {tp.partition: committed[tp].offset if tp in committed else -1 for tp in parts}
+    finally:
+        admin.close()
+
+
+def committed_total(bootstrap: str, group: str, topic: str, partitions: int) -> int:
+    return sum(max(o, 0) for o in committed_offsets(bootstrap, group, topic, partitions).values())
 
 
 def count_generations(client, org: str) -> int:

@@ -69,11 +69,12 @@ class DeadLetterQueue:
     def send(self, message: "Message", reason: str) -> DeadLetter:
         letter = DeadLetter(message, reason)
         try:
-            self._produce(letter)
-        except MessageSizeTooLargeError:
-            letter.truncated = True
-            self._produce(letter)
-        except Exception as exc:  # broker unreachable: confirm() re-sends
+            try:
+                self._produce(letter)
+            except MessageSizeTooLargeError:
+                letter.truncated = True
+                self._produce(letter)
+        except Exception as exc:  # broker unreachable, or refused even truncated: confirm() re-sends
             log.warning("dead-letter send failed, will retry: %s", exc)
             letter.future = None
         self.sent += 1

@@ -216,15 +216,15 @@ class Insert:
     def _run(self, batch: Batch) -> None:
         attempt = 0
         started = time.monotonic()
-        table = self.codec.to_arrow(batch.rows) if batch.rows else None
+        pending_rows = bool(batch.rows)
         while True:
             try:
-                if table is not None:
-                    self.write(self.codec.table, table)
-                    table = None  # acknowledged: never insert this batch again, even if DLQ retries below
+                if pending_rows:
+                    self.write(self.codec.table, self.codec.to_arrow(batch.rows))
+                    pending_rows = False  # acknowledged: never insert this batch again, even if DLQ retries below
                 self.dlq.confirm(batch.dead_letters)
                 break
-            except Exception as exc:  # warehouse or broker trouble: keep the batch, back off, retry
+            except Exception as exc:  # warehouse or broker trouble: keep the batch (uncommitted), back off, retry
                 if self._stopping.is_set():
                     raise
                 self.failures += 1

@@ -1,9 +1,16 @@
-"""An ingest process: one consumer thread per (topic, worker) with its own warehouse client."""
+"""An ingest process: one consumer thread per (topic, worker) with its own warehouse client.
+
+Each thread is supervised: if its consumer ever raises (broker gone, a bug), the
+error is logged, and after a back-off a fresh consumer resumes from the committed
+offsets. Nothing uncommitted is lost by that: it is re-delivered.
+"""
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
+from typing import Callable
 
 import pyarrow as pa
 
@@ -21,13 +28,46 @@ def codecs_by_topic(settings: Settings) -> dict[str, Codec]:
     return {settings.topic_gateway_logs: GENERATIONS, settings.topic_feedback: FEEDBACK}
 
 
-def arrow_writer(dsn: str):
+def arrow_writer(dsn: str) -> Callable[[str, pa.Table], None]:
     client = connect(dsn)
 
     def write(table: str, data: pa.Table) -> None:
         client.insert_arrow(table, data, settings={"insert_deduplicate": 1})
 
     return write
+
+
+class _Supervised:
+    """Runs consumers made by ``factory`` until stopped, replacing one that crashed."""
+
+    def __init__(self, name: str, factory: Callable[[], IngestConsumer]):
+        self.name = name
+        self.factory = factory
+        self.current: IngestConsumer | None = None
+        self.restarts = 0
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def _loop(self) -> None:
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                self.current = self.factory()
+                if self._stop.is_set():
+                    self.current.stop()
+                self.current.run()
+                return
+            except Exception:
+                log.exception("%s crashed; restarting from the committed offsets in %.1fs", self.name, delay)
+                self.restarts += 1
+                if self._stop.wait(delay + random.uniform(0, delay)):
+                    return
+                delay = min(delay * 2, 30.0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.current is not None:
+            self.current.stop()
 
 
 class IngestWorkers:
@@ -38,44 +78,45 @@ class IngestWorkers:
         self.dead_letters = DeadLetterQueue(self.producer, settings.topic_dead_letter)
         codecs = codecs_by_topic(settings)
         n = workers or settings.ingest_workers
-        self.consumers: list[IngestConsumer] = []
-        for topic in topics or list(codecs):
-            for i in range(n):
-                self.consumers.append(
-                    IngestConsumer(
-                        bootstrap=bootstrap,
-                        topic=topic,
-                        group_id=f"{settings.ingest_consumer_group}.{topic}",  # one group per topic: members of a group must share subscriptions
-                        codec=codecs[topic],
-                        write=arrow_writer(settings.warehouse_dsn),
-                        dead_letters=self.dead_letters,
-                        batch_size=settings.ingest_batch_size,
-                        batch_seconds=settings.ingest_batch_seconds,
-                        max_event_bytes=settings.ingest_max_event_bytes,
-                        retry_max_seconds=settings.ingest_retry_max_seconds,
-                        name=f"{topic}-{i}",
-                    )
-                )
-        self.threads: list[threading.Thread] = []
+        self.units = [
+            _Supervised(f"{topic}-{i}", self._factory(topic, codecs[topic], f"{topic}-{i}"))
+            for topic in (topics or list(codecs))
+            for i in range(n)
+        ]
+
+    def _factory(self, topic: str, codec: Codec, name: str) -> Callable[[], IngestConsumer]:
+        s = self.settings
+
+        def make() -> IngestConsumer:
+            return IngestConsumer(
+                bootstrap=self.bootstrap,
+                topic=topic,
+                group_id=f"{s.ingest_consumer_group}.{topic}",  # one group per topic: members of a group share subscriptions
+                codec=codec,
+                write=arrow_writer(s.warehouse_dsn),
+                dead_letters=self.dead_letters,
+                batch_size=s.ingest_batch_size,
+                batch_seconds=s.ingest_batch_seconds,
+                max_event_bytes=s.ingest_max_event_bytes,
+                retry_max_seconds=s.ingest_retry_max_seconds,
+                name=name,
+            )
+
+        return make
+
+    @property
+    def consumers(self) -> list[IngestConsumer]:
+        return [u.current for u in self.units if u.current is not None]
 
     def start(self) -> None:
-        for c in self.consumers:
-            t = threading.Thread(target=self._run, args=(c,), name=c.name, daemon=True)
-            t.start()
-            self.threads.append(t)
-
-    @staticmethod
-    def _run(consumer: IngestConsumer) -> None:
-        try:
-            consumer.run()
-        except Exception:
-            log.exception("%s stopped with an error", consumer.name)
+        for unit in self.units:
+            unit.thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        for c in self.consumers:
-            c.stop()
-        for t in self.threads:
-            t.join(timeout)
+        for unit in self.units:
+            unit.stop()
+        for unit in self.units:
+            unit.thread.join(timeout)
         self.producer.flush(timeout)
         self.producer.close(timeout)
 

@@ -44,12 +44,7 @@ class Tenants:
 
 @pytest.fixture(scope="module")
 def tenants(base_settings, broker, warehouse) -> Tenants:
-    """Three logs, ingested once for the module: A/ws-1, A/ws-2 and B/ws-1 (same workspace name as A's).
-
-    The workers consume only the gateway-log topic: with both topics in one consumer
-    group (the `workers` fixture) the group leader may assign the gateway-log
-    partitions to nobody (see test_dead_letter.py::test_one_group_consumes_both_topics).
-    """
+    """Three logs, ingested once for the module: A/ws-1, A/ws-2 and B/ws-1 (same workspace name as A's)."""
     suffix = uuid.uuid4().hex[:8]
     s = base_settings.model_copy(update=dict(
         topic_gateway_logs=f"t{suffix}.gateway-logs", topic_feedback=f"t{suffix}.feedback",
@@ -63,7 +58,7 @@ def tenants(base_settings, broker, warehouse) -> Tenants:
     b_ws1 = gateway_log(org_b, workspace="ws-1", rng=rng, trace_id=f"trace-secret-{suffix}",
                         **{"metadata.key": ["_user"], "metadata.value": [f"b-secret-user-{suffix}"]})
     b_ws1["request"]["body"]["messages"][0]["content"] = f"b-secret-prompt-{suffix}"
-    pool = IngestWorkers(s, broker.bootstrap, topics=[s.topic_gateway_logs])
+    pool = IngestWorkers(s, broker.bootstrap)
     pool.start()
     producer = make_producer(broker.bootstrap)
     try:

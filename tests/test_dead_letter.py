@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import copy
 import random
+import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Callable
 
@@ -28,13 +29,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
-from conftest import wait_until
+from conftest import count_generations, wait_until
 from factories import gateway_log, iso
 from ingest.dead_letter import TRUNCATE_TO, DeadLetterQueue
 from ingest.events import FEEDBACK, GENERATIONS, InvalidEvent, decode_feedback, decode_gateway_log
 from ingest.pipeline import Message, build_pipeline
 from ingest.producer import make_producer
-from ingest.workers import IngestWorkers
+from ingest.workers import IngestWorkers, arrow_writer
 
 MAX_EVENT_BYTES = 64 * 1024
 CORPUS_ORG = "org-corpus"
@@ -251,74 +252,64 @@ def test_feedback_metadata_with_big_integers_is_stored_as_text():
     assert row[7] == [str(2**70), '[1,null,"s"]', "x"]
 
 
-# --------------------------------------------------------------------------- pipeline, with a fake producer
+# --------------------------------------------------------------------------- pipeline steps on the real broker and warehouse
 
 
-class _Acked:
-    def get(self, timeout=None):
-        return None
+def _read_dead_letters(bootstrap: str, topic: str, expected: int) -> list:
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
+                             fetch_max_wait_ms=100)
+    records: list = []
+    deadline = time.monotonic() + 30
+    while len(records) < expected and time.monotonic() < deadline:
+        for batch in consumer.poll(timeout_ms=500).values():
+            records.extend(batch)
+    consumer.close()
+    return records
 
 
-class FakeProducer:
-    """Records sends; refuses values above ``limit`` the way kafka-python does."""
-
-    def __init__(self, limit: int | None = None):
-        self.limit = limit
-        self.sent: list[dict] = []
-
-    def send(self, topic, value=None, key=None, headers=None):
-        from kafka.errors import MessageSizeTooLargeError
-
-        if self.limit is not None and value is not None and len(value) > self.limit:
-            raise MessageSizeTooLargeError(f"{len(value)} bytes")
-        self.sent.append({"topic": topic, "value": value, "key": key, "headers": dict(headers or [])})
-        return _Acked()
-
-
-def _run_pipeline(producer: FakeProducer, messages: list[Message]) -> tuple[list, dict]:
-    written: list = []
-    committed: dict = {}
-    dlq = DeadLetterQueue(producer, "dlq")
-    pipe = build_pipeline(
-        GENERATIONS, lambda table, data: written.append(data), dlq, committed.update,
-        batch_size=1000, batch_seconds=60, max_event_bytes=MAX_EVENT_BYTES,
-    )
-    for m in messages:
-        pipe.submit(m)
-    pipe.join(10)
-    pipe.close()
-    return written, committed
-
-
-@pytest.mark.parametrize("limit", [None, 70_000], ids=["fits", "broker-refuses-whole"])
-def test_pipeline_dead_letters_oversized_and_null(limit):
+@pytest.mark.parametrize("limit", [None, 70_000], ids=["fits", "producer-refuses-whole"])
+def test_pipeline_dead_letters_oversized_and_null(limit, settings, broker, warehouse, org):
+    """The steps alone: an oversized and a null message become dead letters (truncated when the
+    producer's request limit refuses the whole value); the good ones are inserted; all offsets commit."""
     (big,) = [c for c in GATEWAY_CORPUS if c.label == "oversized"]
-    good = _dumps(gateway_log(CORPUS_ORG, rng=random.Random(5)))
+    rng = random.Random(5)
+    good = [_dumps(gateway_log(org, rng=rng)) for _ in range(2)]
     msgs = [
-        Message("src", 0, 10, good),
+        Message("src", 0, 10, good[0]),
         Message("src", 0, 11, big.value, key=b"k1"),
         Message("src", 0, 12, None, key=b"k2"),
-        Message("src", 0, 13, good),
+        Message("src", 0, 13, good[1]),
     ]
-    producer = FakeProducer(limit)
-    written, committed = _run_pipeline(producer, msgs)
-    assert sum(t.num_rows for t in written) == 2
+    producer = make_producer(broker.bootstrap, **({"max_request_size": limit} if limit else {}))
+    committed: dict = {}
+    pipe = build_pipeline(
+        GENERATIONS, arrow_writer(settings.warehouse_dsn), DeadLetterQueue(producer, settings.topic_dead_letter),
+        committed.update, batch_size=1000, batch_seconds=60, max_event_bytes=MAX_EVENT_BYTES,
+    )
+    for m in msgs:
+        pipe.submit(m)
+    pipe.join(30)
+    pipe.close()
+    producer.close()
+
     assert committed == {("src", 0): 14}
-    assert [s["headers"]["tollgate.source.offset"] for s in producer.sent] == [b"11", b"12"]
-    oversized, tombstone = producer.sent
-    assert b"oversized" in oversized["headers"]["tollgate.reason"]
-    assert oversized["key"] == b"k1"
+    assert count_generations(warehouse, org) == 2
+    letters = _read_dead_letters(broker.bootstrap, settings.topic_dead_letter, 2)
+    oversized, tombstone = sorted(letters, key=lambda r: dict(r.headers)["tollgate.source.offset"])
+    headers = [dict(r.headers) for r in (oversized, tombstone)]
+    assert [h["tollgate.source.offset"] for h in headers] == [b"11", b"12"]
+    assert b"oversized" in headers[0]["tollgate.reason"]
+    assert oversized.key == b"k1"
     if limit is None:
-        assert oversized["value"] == big.value and "tollgate.truncated" not in oversized["headers"]
+        assert oversized.value == big.value and "tollgate.truncated" not in headers[0]
     else:
-        assert oversized["value"] == big.value[:TRUNCATE_TO]
-        assert oversized["headers"]["tollgate.truncated"] == b"true"
-    assert tombstone["value"] is None and tombstone["key"] == b"k2"
-    assert b"null value" in tombstone["headers"]["tollgate.reason"]
-    for s in producer.sent:
-        assert s["topic"] == "dlq"
-        assert s["headers"]["tollgate.source.topic"] == b"src"
-        assert s["headers"]["tollgate.source.partition"] == b"0"
+        assert oversized.value == big.value[:TRUNCATE_TO]
+        assert headers[0]["tollgate.truncated"] == b"true"
+    assert tombstone.value is None and tombstone.key == b"k2"
+    assert b"null value" in headers[1]["tollgate.reason"]
+    for h in headers:
+        assert h["tollgate.source.topic"] == b"src"
+        assert h["tollgate.source.partition"] == b"0"
 
 
 # --------------------------------------------------------------------------- property tests
@@ -465,40 +456,29 @@ class Produced:
 @dataclass
 class Ingest:
     settings: Any
-    groups: dict[str, str] = field(default_factory=dict)  # topic -> consumer group
+    groups: dict[str, str]  # topic -> consumer group
 
 
 @pytest.fixture
 def small_event_ingest(settings, broker, warehouse):
-    """Ingest workers with a 64 KiB event limit.
-
-    One IngestWorkers per topic, each with its own consumer group: with a single
-    group for both topics (what IngestWorkers does by default) the group leader only
-    has metadata for its own topic and assigns the other topic's partitions to
-    nobody (see test_one_group_consumes_both_topics).
-    """
+    """The ingest workers (both topics, as in production) with a 64 KiB event limit."""
     s = settings.model_copy(update={"ingest_max_event_bytes": MAX_EVENT_BYTES})
-    groups = {s.topic_gateway_logs: f"{s.ingest_consumer_group}.logs", s.topic_feedback: f"{s.ingest_consumer_group}.feedback"}
-    pools = [
-        IngestWorkers(s.model_copy(update={"ingest_consumer_group": group}), broker.bootstrap, topics=[topic])
-        for topic, group in groups.items()
-    ]
-    for p in pools:
-        p.start()
+    pool = IngestWorkers(s, broker.bootstrap)
+    pool.start()
+    assert wait_until(lambda: len(pool.consumers) == 2)
+    groups = {c.topic: c.consumer.config["group_id"] for c in pool.consumers}
+    assert set(groups) == {s.topic_gateway_logs, s.topic_feedback}
     yield Ingest(s, groups)
-    for p in pools:
-        p.stop()
+    pool.stop()
 
 
-def _read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 60.0) -> list:
+def _read_topic(bootstrap: str, topic: str, partitions: int, expected: int, timeout: float = 60.0) -> list:
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap.split(","), group_id=None, auto_offset_reset="earliest",
         fetch_max_wait_ms=100, enable_auto_commit=False, consumer_timeout_ms=500,
     )
     try:
-        partitions = consumer.partitions_for_topic(topic)
-        assert wait_until(lambda: bool(partitions or consumer.partitions_for_topic(topic)), timeout=10)
-        consumer.assign([TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))])
+        consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
         records: list = []
         assert wait_until(lambda: _poll_into(consumer, records) >= expected, timeout=timeout, interval=0.05), (
             f"{len(records)} of {expected} records on {topic}"
@@ -534,12 +514,11 @@ def _end_offsets(bootstrap: str, parts: list[TopicPartition], timeout: float = 1
         consumer.close()
 
 
-def _group_progress(bootstrap: str, group: str, topic: str) -> tuple[dict, dict]:
+def _group_progress(bootstrap: str, group: str, topic: str, partitions: int) -> tuple[dict, dict]:
     """(committed offset, end offset) per partition number of ``topic``."""
     admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","))
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), group_id=None)
     try:
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        parts = [TopicPartition(topic, p) for p in range(partitions)]
         ends = _end_offsets(bootstrap, parts)
         committed = admin.list_group_offsets({group: parts})[group]  # kafka-python 3: list_consumer_group_offsets is gone
         return (
@@ -547,7 +526,6 @@ def _group_progress(bootstrap: str, group: str, topic: str) -> tuple[dict, dict]
             {tp.partition: ends[tp] for tp in parts},
         )
     finally:
-        consumer.close()
         admin.close()
 
 
@@ -595,7 +573,7 @@ def test_malformed_events_are_dead_lettered_and_good_ones_stored(small_event_ing
     assert wait_until(lambda: _stored_ids(warehouse, "generations", org) == good_log_ids, timeout=90)
     assert wait_until(lambda: _stored_ids(warehouse, "feedback", org) == good_feedback_ids, timeout=30)
 
-    records = _read_topic(broker.bootstrap, s.topic_dead_letter, expected=len(produced))
+    records = _read_topic(broker.bootstrap, s.topic_dead_letter, s.topic_partitions, expected=len(produced))
 
     # exactly one dead letter per bad message, matched by its source coordinates
     by_source: dict[tuple[str, int, int], list] = {}
@@ -640,32 +618,11 @@ def test_malformed_events_are_dead_lettered_and_good_ones_stored(small_event_ing
         for (t, p), end in produced_ends.items():
             if t == topic:
                 produced_end[p] = end
-        progress: list = []
-        assert wait_until(lambda: progress.append(_group_progress(broker.bootstrap, group, topic)) or progress[-1][0] == progress[-1][1],
-                          timeout=30), (topic, group, progress[-1])
-        committed, ends = progress[-1]
-        assert ends == produced_end, (topic, ends, produced_end)
+        seen: list[tuple[dict, dict]] = []
 
+        def caught_up() -> bool:
+            seen.append(_group_progress(broker.bootstrap, group, topic, s.topic_partitions))
+            return seen[-1][0] == seen[-1][1]
 
-@pytest.mark.xfail(reason="product bug: IngestWorkers puts both topics' consumers in one group; the group leader "
-                          "has no metadata for the other topic and assigns its partitions to nobody", strict=False)
-def test_one_group_consumes_both_topics(settings, broker, warehouse, org):
-    rng = random.Random(12)
-    logs = [gateway_log(org, rng=rng) for _ in range(3)]
-    feedback = [good_feedback(org, rng) for _ in range(3)]
-    pool = IngestWorkers(settings, broker.bootstrap)  # the production layout: one group, both topics
-    pool.start()
-    producer = make_producer(broker.bootstrap)
-    try:
-        for ev in logs:
-            producer.send(settings.topic_gateway_logs, _dumps(ev))
-        for ev in feedback:
-            producer.send(settings.topic_feedback, _dumps(ev))
-        producer.flush()
-        assert wait_until(
-            lambda: len(_stored_ids(warehouse, "generations", org)) == 3 and len(_stored_ids(warehouse, "feedback", org)) == 3,
-            timeout=25,
-        )
-    finally:
-        producer.close()
-        pool.stop()
+        assert wait_until(caught_up, timeout=30), (topic, group, "committed, end:", seen[-1])
+        assert seen[-1][1] == produced_end, (topic, "end offsets", seen[-1][1], "produced", produced_end)

@@ -90,6 +90,8 @@ def cmd_seed(args) -> int:
     )
     producer.close()
     print(f"published {counts['gateway_logs']} gateway logs and {counts['feedback']} feedback events")
+    if counts["last_log_id"]:
+        print(f"last log id: {counts['last_log_id']}  (GET /v1/logs/{counts['last_log_id']})")
     return 0
 
 

@@ -659,10 +659,12 @@ def publish(
 ) -> dict:
     """Send :func:`generate`'s output to Kafka (key = event id) and flush.
 
-    Returns ``{"gateway_logs": n, "feedback": m}``. Raises the first delivery error, if any.
+    Returns ``{"gateway_logs": n, "feedback": m, "last_log_id": id}``. Raises the first
+    delivery error, if any.
     """
     topics = {"gateway_log": settings.topic_gateway_logs, "feedback": settings.topic_feedback}
     counts = {"gateway_log": 0, "feedback": 0}
+    last_log_id = None
     failures: list[BaseException] = []
     with tqdm(total=events, unit="ev", desc="seeding", disable=not progress) as bar:
         for kind, event in generate(events, days, org, workspace, seed, end):
@@ -670,8 +672,9 @@ def publish(
             producer.send(topics[kind], key=key, value=orjson.dumps(event)).add_errback(failures.append)
             counts[kind] += 1
             if kind == "gateway_log":
+                last_log_id = event["_id"]
                 bar.update()
         producer.flush()
     if failures:
         raise failures[0]
-    return {"gateway_logs": counts["gateway_log"], "feedback": counts["feedback"]}
+    return {"gateway_logs": counts["gateway_log"], "feedback": counts["feedback"], "last_log_id": last_log_id}

@@ -175,7 +175,7 @@ def run_ingest(settings: Settings, workers: int | None = None) -> int:
     ensure_topics(bootstrap, settings.all_topics, settings.topic_partitions)
     pool = IngestWorkers(settings, bootstrap, workers=workers)
     pool.start()
-    say(f"ingest: {len(pool.consumers)} consumer(s) on {bootstrap} → {settings.warehouse_dsn}")
+    say(f"ingest: {len(pool.units)} consumer(s) on {bootstrap} → {settings.warehouse_dsn}")
     stop.wait()
     pool.stop()
     return 0

@@ -1,0 +1,164 @@
+"""End-to-end ingest rate vs the raw kafka-python consume rate, in one run.
+
+    .venv/bin/python benchmarks/ingest.py [--events 300000] [--partitions 3]
+
+1. Starts the embedded broker and produces N gateway logs of ≈1.5 KB.
+2. Baseline: a bare kafka-python consumer (same fetch settings as ingest) reads
+   all N and does nothing else → raw consume rate.
+3. End to end: a real `tollgate ingest` process (own embedded warehouse) consumes
+   the same topic; the clock runs from its start until its consumer group has
+   committed all N offsets (ingest commits only after ClickHouse acknowledged the
+   insert, so committed = queryable). Its peak RSS is read from /proc.
+4. The stored rows are counted afterwards (FINAL) to check nothing was lost.
+Prints both rates and their ratio. Targets: ≥ 30,000 events/s and ≥ 0.4 × raw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ingest.consumer import CONSUMER_DEFAULTS  # noqa: E402
+from ingest.producer import ensure_topics, make_producer  # noqa: E402
+from tollgate.broker import EmbeddedBroker  # noqa: E402
+
+WORDS = "the model answered with a long and careful explanation of the question about tokens latency cost".split()
+
+
+def event(rng: random.Random, org: str) -> dict:
+    log_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    req, res = rng.randrange(10, 4000), rng.randrange(1, 1500)
+    ts = f"2026-11-{rng.randrange(1, 25):02d}T{rng.randrange(24):02d}:{rng.randrange(60):02d}:{rng.randrange(60):02d}.{rng.randrange(1000):03d}Z"
+    text = " ".join(rng.choice(WORDS) for _ in range(60))
+    model = rng.choice(["gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet-20241022", "gemini-1.5-pro"])
+    status = rng.choice([200] * 30 + [429, 500])
+    return {
+        "_id": log_id, "created_at": ts, "organisation_id": org,
+        "request": {"url": "https://api.openai.com/v1/chat/completions", "method": "POST",
+                    "headers": {"content-type": "application/json"},
+                    "body": {"model": model, "messages": [{"role": "user", "content": text}]},
+                    "portkeyHeaders": {"x-portkey-trace-id": f"trace-{rng.randrange(10**8)}"}},
+        "response": {"status": status, "responseTime": rng.randrange(100, 9000), "lastUsedOptionJsonPath": "",
+                     "body": {"id": "chatcmpl-x", "choices": [{"message": {"role": "assistant", "content": text}}],
+                              "usage": {"prompt_tokens": req, "completion_tokens": res}}},
+        "metrics": {"id": log_id, "organisation_id": org, "workspace_slug": f"ws-{rng.randrange(20)}",
+                    "ai_org": "openai", "ai_model": model, "req_units": req, "res_units": res, "total_units": req + res,
+                    "cost": round(req * 0.00025 + res * 0.001, 6), "response_status_code": status,
+                    "response_time": rng.randrange(100, 9000), "is_success": status == 200, "cache_status": "MISS",
+                    "trace_id": f"trace-{rng.randrange(10**8)}", "mode": "single", "api_key_id": f"key-{rng.randrange(50)}",
+                    "metadata.key": ["_user", "env"], "metadata.value": [f"user-{rng.randrange(10_000)}", "prod"]},
+    }
+
+
+def raw_consume_rate(bootstrap: str, topic: str, n: int) -> float:
+    config = {k: v for k, v in CONSUMER_DEFAULTS.items() if k not in ("enable_auto_commit", "max_poll_interval_ms", "session_timeout_ms", "heartbeat_interval_ms")}
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, **config)
+    seen = 0
+    start = time.perf_counter()
+    while seen < n:
+        for records in consumer.poll(timeout_ms=500).values():
+            seen += len(records)
+    elapsed = time.perf_counter() - start
+    consumer.close()
+    return n / elapsed
+
+
+def committed(bootstrap: str, group: str, topic: str, partitions: int) -> int:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        parts = [TopicPartition(topic, p) for p in range(partitions)]
+        offsets = admin.list_group_offsets({group: parts}).get(group, {})
+        return sum(max(o.offset, 0) for o in offsets.values())
+    finally:
+        admin.close()
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=300_000)
+    ap.add_argument("--partitions", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=20_000)
+    args = ap.parse_args()
+    n = args.events
+    tmp = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
+    topic, org = "bench.gateway-logs", "bench-org"
+    with EmbeddedBroker() as broker:
+        ensure_topics(broker.bootstrap, [topic, "bench.feedback", "bench.audit", "bench.dead-letter"], args.partitions)
+        rng = random.Random(1)
+        payloads = [orjson.dumps(event(rng, org)) for _ in range(n)]
+        avg = sum(map(len, payloads)) / n
+        producer = make_producer(broker.bootstrap)
+        t0 = time.perf_counter()
+        for p in payloads:
+            producer.send(topic, p)
+        producer.flush()
+        produce_rate = n / (time.perf_counter() - t0)
+        producer.close()
+        del payloads
+        print(f"produced {n:,} events of {avg:,.0f} bytes on average at {produce_rate:,.0f}/s ({args.partitions} partitions)")
+
+        raw = raw_consume_rate(broker.bootstrap, topic, n)
+        print(f"raw kafka-python consume:      {raw:>10,.0f} events/s")
+
+        env = {**os.environ, "TOLLGATE_DATA_DIR": str(tmp), "TOLLGATE_KAFKA_BOOTSTRAP": broker.bootstrap,
+               "TOLLGATE_TOPIC_GATEWAY_LOGS": topic, "TOLLGATE_TOPIC_FEEDBACK": "bench.feedback",
+               "TOLLGATE_TOPIC_AUDIT": "bench.audit", "TOLLGATE_TOPIC_DEAD_LETTER": "bench.dead-letter",
+               "TOLLGATE_INGEST_BATCH_SIZE": str(args.batch_size), "TOLLGATE_RETENTION_DAYS": "0"}
+        cli = [sys.executable, "-m", "tollgate.cli"]
+        subprocess.run([*cli, "migrate"], env=env, check=True, capture_output=True)
+        group = f"tollgate-ingest.{topic}"
+        worker = subprocess.Popen([*cli, "ingest"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t0 = time.perf_counter()
+        rss = 0.0
+        first = None  # (time, offsets) of the first commit: steady state is measured from there
+        while (done := committed(broker.bootstrap, group, topic, args.partitions)) < n:
+            if first is None and done > 0:
+                first = (time.perf_counter(), done)
+            rss = max(rss, peak_rss_mib(worker.pid))
+            if worker.poll() is not None:
+                raise SystemExit(f"ingest exited with {worker.returncode}")
+            time.sleep(0.05)
+        t1 = time.perf_counter()
+        total_rate = n / (t1 - t0)
+        e2e = (n - first[1]) / (t1 - first[0]) if first else total_rate
+        rss = max(rss, peak_rss_mib(worker.pid))
+        worker.terminate()
+        worker.wait(60)
+        print(f"end to end, from process start: {total_rate:>10,.0f} events/s  (includes start-up and the group join)")
+        print(f"end to end, steady state:       {e2e:>10,.0f} events/s  (from the first commit to the last)")
+        print(f"ratio end-to-end / raw:         {e2e / raw:>10.2f}")
+        print(f"peak RSS of the ingest process: {rss:>10,.0f} MiB")
+
+    count = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from warehouse.client import connect; "
+         "print(connect(sys.argv[1]).command('SELECT count() FROM generations FINAL'))", f"chdb://{tmp}/warehouse"],
+        check=True, capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    print(f"rows stored: {int(count):,} of {n:,}")
+    print(json.dumps({"events": n, "avg_bytes": round(avg), "raw_consume_per_s": round(raw), "end_to_end_per_s": round(e2e), "end_to_end_with_startup_per_s": round(total_rate),
+                      "ratio": round(e2e / raw, 3), "peak_rss_mib": round(rss), "stored": int(count)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -12,11 +12,10 @@ A codec turns a list of valid events into one Arrow table for one insert.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Callable, Generic, TypeVar
+from typing import Annotated, Any, Callable
 
 import msgspec
 import orjson
-import pyarrow as pa
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
@@ -149,19 +148,29 @@ def _require_utf8(value: bytes) -> None:
         raise InvalidEvent(f"invalid JSON: not UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
-def _epoch_ms(ts: datetime) -> int:
-    return (ts - _EPOCH) // _MS
+def _epoch_seconds(ts: datetime) -> float:
+    """Seconds with exactly three decimals (ms precision): the shortest repr of a float
+    below 2**53 / 1000 is that decimal, and ClickHouse parses the text, so it is exact."""
+    return ((ts - _EPOCH) // _MS) / 1000
 
 
-def _text(raw: msgspec.Raw) -> bytes:
-    """Raw JSON kept as text; JSON null and absent both store as empty."""
-    b = bytes(raw)
-    return b"" if b == b"null" else b
+def _text(raw: msgspec.Raw) -> msgspec.Raw | str:
+    """A raw JSON value for a String column holding JSON text.
+
+    Objects and arrays are embedded as they are (ClickHouse reads them as their own
+    text); other values go as a JSON string of their text; null and absent are "".
+    """
+    if not raw:
+        return ""
+    first = raw[:1] if isinstance(raw, bytes) else bytes(memoryview(raw)[:1])
+    if first in (b"{", b"["):
+        return raw
+    text = bytes(raw).decode()
+    return "" if text == "null" else text
 
 
 def _check_object(raw: msgspec.Raw, field: str) -> None:
-    b = bytes(raw)
-    if b and b != b"null" and not b.startswith(b"{"):
+    if raw and bytes(memoryview(raw)[:1]) != b"{" and bytes(raw) != b"null":
         raise InvalidEvent(f"`{field}` must be a JSON object")
 
 
@@ -176,7 +185,7 @@ def _metadata(m: AnalyticsMetrics) -> tuple[list[str], list[str]]:
         raise InvalidEvent(
             f"`metrics.metadata.key` has {len(keys)} items but `metrics.metadata.value` has {len(values)}"
         )
-    if any(k is None or k == "" for k in keys):
+    if None in keys or "" in keys:
         raise InvalidEvent("`metrics.metadata.key` items must be non-empty strings")
     return keys, [v if v is not None else "" for v in values]  # type: ignore[misc]
 
@@ -210,20 +219,20 @@ def decode_gateway_log(value: bytes) -> tuple:
     total_units = int(m.total_units) if m.total_units is not None else req_units + res_units
     if total_units > _UINT32_MAX:  # only possible when computed; the column is UInt32
         raise InvalidEvent(f"`metrics.total_units` (req_units + res_units = {total_units}) exceeds {_UINT32_MAX}")
-    debug = b""
+    debug: msgspec.Raw | str = ""
     if ev.finalUntransformedRequest or ev.originalResponse or ev.transformedRequest:
         parts = {
-            k: msgspec.Raw(bytes(getattr(ev, k)))
+            k: getattr(ev, k)
             for k in ("finalUntransformedRequest", "originalResponse", "transformedRequest")
             if bytes(getattr(ev, k)) not in (b"", b"null")
         }
-        debug = msgspec.json.encode(parts) if parts else b""
+        debug = msgspec.Raw(msgspec.json.encode(parts)) if parts else ""
     response_time = m.response_time if m.response_time is not None else (ev.response.responseTime or 0)
     return (
         log_id,
         ev.organisation_id,
         m.workspace_slug or "",
-        _epoch_ms(created),
+        _epoch_seconds(created),
         m.organisation_name or "",
         m.prompt_id or "",
         m.prompt_version_id or "",
@@ -280,33 +289,18 @@ def decode_gateway_log(value: bytes) -> tuple:
     )
 
 
-_TS = pa.timestamp("ms", tz="UTC")
-_STR = pa.string()
-_BIN = pa.binary()
-_STRS = pa.list_(pa.string())
-
-GENERATION_SCHEMA = pa.schema(
-    [
-        ("id", _STR), ("organisation_id", _STR), ("workspace_slug", _STR), ("created_at", _TS),
-        ("organisation_name", _STR), ("prompt_id", _STR), ("prompt_version_id", _STR), ("prompt_slug", _STR),
-        ("config_id", _STR), ("config", _STR), ("config_version_id", _STR), ("is_success", pa.bool_()),
-        ("ai_org", _STR), ("ai_model", _STR), ("req_units", pa.uint32()), ("res_units", pa.uint32()),
-        ("total_units", pa.uint32()), ("cost", pa.float64()), ("cost_currency", _STR), ("request_url", _STR),
-        ("request_method", _STR), ("response_status_code", pa.uint16()), ("response_time", pa.uint32()),
-        ("is_proxy_call", pa.bool_()), ("cache_status", _STR), ("cache_type", _STR), ("stream_mode", pa.uint8()),
-        ("retry_success_count", pa.uint16()), ("trace_id", _STR), ("span_id", _STR), ("span_name", _STR),
-        ("parent_span_id", _STR), ("mode", _STR), ("virtual_key", _STR), ("source", _STR), ("runtime", _STR),
-        ("runtime_version", _STR), ("sdk_version", _STR), ("internal_trace_id", _STR),
-        ("last_used_option_index", pa.int32()), ("log_store_file_path_format", _STR),
-        ("metadata.key", _STRS), ("metadata.value", _STRS), ("api_key_id", _STR),
-        ("request_parsing_time", pa.uint32()), ("pre_processing_time", pa.uint32()),
-        ("cache_processing_time", pa.uint32()), ("response_parsing_time", pa.uint32()),
-        ("gateway_processing_time", pa.uint32()), ("upstream_response_time", pa.uint32()),
-        ("request_headers", _BIN), ("request_body", _BIN), ("request_portkey_headers", _BIN),
-        ("response_headers", _BIN), ("response_body", _BIN), ("response_last_used_option_json_path", _STR),
-        ("debug_payloads", _BIN),
-    ]
-)
+GENERATION_COLUMNS = [
+    "id", "organisation_id", "workspace_slug", "created_at", "organisation_name", "prompt_id", "prompt_version_id",
+    "prompt_slug", "config_id", "config", "config_version_id", "is_success", "ai_org", "ai_model", "req_units",
+    "res_units", "total_units", "cost", "cost_currency", "request_url", "request_method", "response_status_code",
+    "response_time", "is_proxy_call", "cache_status", "cache_type", "stream_mode", "retry_success_count", "trace_id",
+    "span_id", "span_name", "parent_span_id", "mode", "virtual_key", "source", "runtime", "runtime_version",
+    "sdk_version", "internal_trace_id", "last_used_option_index", "log_store_file_path_format", "metadata.key",
+    "metadata.value", "api_key_id", "request_parsing_time", "pre_processing_time", "cache_processing_time",
+    "response_parsing_time", "gateway_processing_time", "upstream_response_time", "request_headers", "request_body",
+    "request_portkey_headers", "response_headers", "response_body", "response_last_used_option_json_path",
+    "debug_payloads",
+]
 
 
 # --------------------------------------------------------------------------- feedback
@@ -356,43 +350,47 @@ def decode_feedback(value: bytes) -> tuple:
         float(ev.weight),
         list(meta.keys()),
         [_stringify(v) for v in meta.values()],
-        _epoch_ms(created),
-        _epoch_ms(updated),
+        _epoch_seconds(created),
+        _epoch_seconds(updated),
     )
 
 
-FEEDBACK_SCHEMA = pa.schema(
-    [
-        ("id", _STR), ("organisation_id", _STR), ("workspace_slug", _STR), ("trace_id", _STR),
-        ("value", pa.int8()), ("weight", pa.float64()), ("metadata.key", _STRS), ("metadata.value", _STRS),
-        ("created_at", _TS), ("updated_at", _TS),
-    ]
-)
+FEEDBACK_COLUMNS = [
+    "id", "organisation_id", "workspace_slug", "trace_id", "value", "weight", "metadata.key", "metadata.value",
+    "created_at", "updated_at",
+]
 
 
 # --------------------------------------------------------------------------- codecs
 
-Row = TypeVar("Row")
+_row_encoder = msgspec.json.Encoder()
 
 
-class Codec(Generic[Row]):
-    """How one topic's events become rows of one table."""
+class Codec:
+    """How one topic's events become rows of one table.
 
-    def __init__(self, table: str, schema: pa.Schema, decode: Callable[[bytes], tuple]):
+    ``encode`` validates an event and returns its row as one JSONCompactEachRow line
+    (a JSON array in ``columns`` order). A batch is those lines joined by newlines,
+    which ClickHouse parses itself, off the GIL. Encoding happens per event, so a
+    value that cannot be encoded is an invalid event, never a failed batch.
+    """
+
+    def __init__(self, table: str, columns: list[str], decode: Callable[[bytes], tuple]):
         self.table = table
-        self.schema = schema
+        self.columns = columns
         self.decode = decode
 
-    def to_arrow(self, rows: list[tuple]) -> pa.Table:
-        columns = list(zip(*rows)) if rows else [[] for _ in self.schema]
-        arrays = []
-        for field, values in zip(self.schema, columns):
-            if pa.types.is_timestamp(field.type):
-                arrays.append(pa.array(values, pa.int64()).cast(field.type))
-            else:
-                arrays.append(pa.array(values, field.type))
-        return pa.Table.from_arrays(arrays, schema=self.schema)
+    def encode(self, value: bytes) -> bytes:
+        row = self.decode(value)
+        try:
+            return _row_encoder.encode(row)
+        except (UnicodeEncodeError, OverflowError, TypeError) as exc:
+            raise InvalidEvent(f"cannot store the event: {exc}") from None
+
+    @staticmethod
+    def batch(rows: list[bytes]) -> bytes:
+        return b"\n".join(rows)
 
 
-GENERATIONS = Codec("generations", GENERATION_SCHEMA, decode_gateway_log)
-FEEDBACK = Codec("feedback", FEEDBACK_SCHEMA, decode_feedback)
+GENERATIONS = Codec("generations", GENERATION_COLUMNS, decode_gateway_log)
+FEEDBACK = Codec("feedback", FEEDBACK_COLUMNS, decode_feedback)

@@ -23,8 +23,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-import pyarrow as pa
-
 from ingest.dead_letter import DeadLetter, DeadLetterQueue
 from ingest.events import Codec, InvalidEvent
 
@@ -55,7 +53,7 @@ class Message:
 class Batch:
     """Rows to insert together, the offsets they cover, and their dead letters."""
 
-    rows: list[tuple] = field(default_factory=list)
+    rows: list[bytes] = field(default_factory=list)  # encoded rows (Codec.encode)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     offsets: dict[TopicPartition, int] = field(default_factory=dict)  # next offset to consume
     opened_at: float = field(default_factory=time.monotonic)
@@ -92,7 +90,7 @@ class Validate:
                 raise InvalidEvent("empty message (null value)")
             if len(value) > self.max_event_bytes:
                 raise InvalidEvent(f"oversized event: {len(value)} bytes > {self.max_event_bytes}")
-            row = self.codec.decode(value)
+            row = self.codec.encode(value)
         except InvalidEvent as exc:
             self.next.add(message, dead_letter=self.dlq.send(message, exc.reason))
         else:
@@ -125,7 +123,7 @@ class BatchStep:
             if self.ready is not None:
                 raise MessageRejected()
 
-    def add(self, message: Message, row: tuple | None = None, dead_letter: DeadLetter | None = None) -> None:
+    def add(self, message: Message, row: bytes | None = None, dead_letter: DeadLetter | None = None) -> None:
         if self.batch is None:
             self.batch = Batch(generation=self.generation)
         if dead_letter is not None:
@@ -189,7 +187,7 @@ class Insert:
     def __init__(
         self,
         codec: Codec,
-        write: Callable[[str, pa.Table], None],
+        write: Callable[[Codec, bytes], None],
         dead_letters: DeadLetterQueue,
         next_step: "Commit",
         retry_max_seconds: float = 30.0,
@@ -220,7 +218,7 @@ class Insert:
         while True:
             try:
                 if pending_rows:
-                    self.write(self.codec.table, self.codec.to_arrow(batch.rows))
+                    self.write(self.codec, self.codec.batch(batch.rows))
                     pending_rows = False  # acknowledged: never insert this batch again, even if DLQ retries below
                 self.dlq.confirm(batch.dead_letters)
                 break
@@ -291,7 +289,7 @@ class Commit:
 
 def build_pipeline(
     codec: Codec,
-    write: Callable[[str, pa.Table], None],
+    write: Callable[[Codec, bytes], None],
     dead_letters: DeadLetterQueue,
     commit: Callable[[dict[TopicPartition, int]], None],
     *,

@@ -12,8 +12,6 @@ import random
 import threading
 from typing import Callable
 
-import pyarrow as pa
-
 from ingest.consumer import IngestConsumer
 from ingest.dead_letter import DeadLetterQueue
 from ingest.events import FEEDBACK, GENERATIONS, Codec
@@ -28,11 +26,22 @@ def codecs_by_topic(settings: Settings) -> dict[str, Codec]:
     return {settings.topic_gateway_logs: GENERATIONS, settings.topic_feedback: FEEDBACK}
 
 
-def arrow_writer(dsn: str) -> Callable[[str, pa.Table], None]:
+# ClickHouse reads the JSON objects and arrays of body columns as their own text.
+INSERT_SETTINGS = {
+    "insert_deduplicate": 1,
+    "input_format_json_read_objects_as_strings": 1,
+    "input_format_json_read_arrays_as_strings": 1,
+    "input_format_skip_unknown_fields": 0,
+}
+
+
+def batch_writer(dsn: str) -> Callable[[Codec, bytes], None]:
+    """One INSERT … FORMAT JSONCompactEachRow per batch; ClickHouse parses it."""
     client = connect(dsn)
 
-    def write(table: str, data: pa.Table) -> None:
-        client.insert_arrow(table, data, settings={"insert_deduplicate": 1})
+    def write(codec: Codec, body: bytes) -> None:
+        client.raw_insert(codec.table, column_names=codec.columns, insert_block=body, fmt="JSONCompactEachRow",
+                          settings=INSERT_SETTINGS)
 
     return write
 
@@ -93,7 +102,7 @@ class IngestWorkers:
                 topic=topic,
                 group_id=f"{s.ingest_consumer_group}.{topic}",  # one group per topic: members of a group share subscriptions
                 codec=codec,
-                write=arrow_writer(s.warehouse_dsn),
+                write=batch_writer(s.warehouse_dsn),
                 dead_letters=self.dead_letters,
                 batch_size=s.ingest_batch_size,
                 batch_seconds=s.ingest_batch_seconds,

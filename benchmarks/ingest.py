@@ -5,8 +5,8 @@
 1. Starts the embedded broker and produces N gateway logs of ≈1.5 KB.
 2. Baseline: a bare kafka-python consumer (same fetch settings as ingest) reads
    all N and does nothing else → raw consume rate.
-3. End to end: a real `tollgate ingest` process (own embedded warehouse) consumes
-   the same topic; the clock runs from its start until its consumer group has
+3. End to end: a real `tollgate ingest` process (own embedded warehouse, one worker
+   process decoding, the main process inserting) consumes the same topic; the clock runs from its start until its consumer group has
    committed all N offsets (ingest commits only after ClickHouse acknowledged the
    insert, so committed = queryable). Its peak RSS is read from /proc.
 4. The stored rows are counted afterwards (FINAL) to check nothing was lost.
@@ -43,7 +43,7 @@ def event(rng: random.Random, org: str) -> dict:
     log_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
     req, res = rng.randrange(10, 4000), rng.randrange(1, 1500)
     ts = f"2026-11-{rng.randrange(1, 25):02d}T{rng.randrange(24):02d}:{rng.randrange(60):02d}:{rng.randrange(60):02d}.{rng.randrange(1000):03d}Z"
-    text = " ".join(rng.choice(WORDS) for _ in range(60))
+    text = " ".join(rng.choice(WORDS) for _ in range(44))
     model = rng.choice(["gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet-20241022", "gemini-1.5-pro"])
     status = rng.choice([200] * 30 + [429, 500])
     return {
@@ -77,21 +77,43 @@ def raw_consume_rate(bootstrap: str, topic: str, n: int) -> float:
     return n / elapsed
 
 
-def committed(bootstrap: str, group: str, topic: str, partitions: int) -> int:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+def committed(admin: KafkaAdminClient, group: str, topic: str, partitions: int) -> int:
+    parts = [TopicPartition(topic, p) for p in range(partitions)]
+    offsets = admin.list_group_offsets({group: parts}).get(group, {})
+    return sum(max(o.offset, 0) for o in offsets.values())
+
+
+def _hwm_mib(pid: int) -> float:
     try:
-        parts = [TopicPartition(topic, p) for p in range(partitions)]
-        offsets = admin.list_group_offsets({group: parts}).get(group, {})
-        return sum(max(o.offset, 0) for o in offsets.values())
-    finally:
-        admin.close()
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def process_tree(pid: int) -> list[int]:
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def peak_rss_mib(pid: int, seen: dict[int, float]) -> float:
+    """Peak RSS of the ingest process and its worker processes (sum of each one's peak)."""
+    for p in process_tree(pid):
+        seen[p] = max(seen.get(p, 0.0), _hwm_mib(p))
+    return sum(seen.values())
 
 
 def main() -> None:
@@ -128,27 +150,30 @@ def main() -> None:
         cli = [sys.executable, "-m", "tollgate.cli"]
         subprocess.run([*cli, "migrate"], env=env, check=True, capture_output=True)
         group = f"tollgate-ingest.{topic}"
+        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
         worker = subprocess.Popen([*cli, "ingest"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t0 = time.perf_counter()
-        rss = 0.0
+        rss, peaks = 0.0, {}
         first = None  # (time, offsets) of the first commit: steady state is measured from there
-        while (done := committed(broker.bootstrap, group, topic, args.partitions)) < n:
+        while (done := committed(admin, group, topic, args.partitions)) < n:
             if first is None and done > 0:
                 first = (time.perf_counter(), done)
-            rss = max(rss, peak_rss_mib(worker.pid))
+            rss = max(rss, peak_rss_mib(worker.pid, peaks))
             if worker.poll() is not None:
                 raise SystemExit(f"ingest exited with {worker.returncode}")
-            time.sleep(0.05)
+            time.sleep(0.2)
         t1 = time.perf_counter()
+        admin.close()
         total_rate = n / (t1 - t0)
         e2e = (n - first[1]) / (t1 - first[0]) if first else total_rate
-        rss = max(rss, peak_rss_mib(worker.pid))
+        rss = max(rss, peak_rss_mib(worker.pid, peaks))
         worker.terminate()
         worker.wait(60)
         print(f"end to end, from process start: {total_rate:>10,.0f} events/s  (includes start-up and the group join)")
         print(f"end to end, steady state:       {e2e:>10,.0f} events/s  (from the first commit to the last)")
         print(f"ratio end-to-end / raw:         {e2e / raw:>10.2f}")
-        print(f"peak RSS of the ingest process: {rss:>10,.0f} MiB")
+        print(f"peak RSS of the ingest process: {rss:>10,.0f} MiB  (with its worker processes: "
+              + ", ".join(f"{v:,.0f}" for v in peaks.values()) + ")")
 
     count = subprocess.run(
         [sys.executable, "-c",

@@ -18,7 +18,7 @@ from kafka.errors import CommitFailedError, KafkaError
 
 from ingest.dead_letter import DeadLetterQueue
 from ingest.events import Codec
-from ingest.pipeline import Batch, MessageRejected, Message, build_pipeline
+from ingest.pipeline import Batch, MessageRejected, build_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class IngestConsumer:
         self.name = name or f"{topic}-consumer"
         self.rebalance_drain_seconds = rebalance_drain_seconds
         self._stop = threading.Event()
-        self._pending: deque[Message] = deque()
+        self._pending: deque = deque()  # ConsumerRecords not yet accepted by the pipeline
         self._paused = False
         self.stats = {"consumed": 0, "inserted": 0, "dead_lettered": 0, "batches": 0, "commits": 0}
         config = {**CONSUMER_DEFAULTS, **(consumer_overrides or {})}
@@ -105,7 +105,7 @@ class IngestConsumer:
         self.pipeline.join(self.rebalance_drain_seconds)
         self._batcher.abandon()  # anything not yet committed is re-delivered to the next owner
         gone = {(tp.topic, tp.partition) for tp in revoked}
-        self._pending = deque(m for m in self._pending if m.tp not in gone)
+        self._pending = deque(m for m in self._pending if (m.topic, m.partition) not in gone)
 
     def _on_assigned(self, assigned) -> None:
         log.info("%s: partitions assigned %s", self.name, sorted((tp.topic, tp.partition) for tp in assigned))
@@ -140,9 +140,8 @@ class IngestConsumer:
             self.consumer.resume(*self.consumer.paused())
             self._paused = False
         records = self.consumer.poll(timeout_ms=100)
-        for tp, batch in records.items():
-            for r in batch:
-                self._pending.append(Message(tp.topic, tp.partition, r.offset, r.value, r.key, list(r.headers or [])))
+        for batch in records.values():
+            self._pending.extend(batch)  # ConsumerRecords have what a Message has: topic, partition, offset, value, key
             self.stats["consumed"] += len(batch)
         self._drain_pending()
         self.pipeline.poll()

@@ -142,6 +142,8 @@ def _require_utf8(value: bytes) -> None:
     """JSON text is UTF-8 (RFC 8259). msgspec raises UnicodeDecodeError for bad bytes inside
     strings, and keeps bad bytes inside raw request/response bodies, which would then be
     stored and served as invalid JSON; reject both here."""
+    if value.isascii():  # the common case, checked without decoding
+        return
     try:
         value.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -37,16 +37,13 @@ class MessageRejected(Exception):
 
 @dataclass(slots=True)
 class Message:
+    """What the steps read of a message; kafka-python's ConsumerRecord has the same fields."""
+
     topic: str
     partition: int
     offset: int
     value: bytes | None
     key: bytes | None = None
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
-
-    @property
-    def tp(self) -> TopicPartition:
-        return (self.topic, self.partition)
 
 
 @dataclass
@@ -130,7 +127,7 @@ class BatchStep:
             self.batch.dead_letters.append(dead_letter)
         else:
             self.batch.rows.append(row)
-        self.batch.offsets[message.tp] = message.offset + 1
+        self.batch.offsets[(message.topic, message.partition)] = message.offset + 1
         if len(self.batch) >= self.max_count:
             self._close_batch()
 

@@ -1,4 +1,4 @@
-"""An ingest process: one consumer thread per (topic, worker) with its own warehouse client.
+"""Ingest consumers on threads: one per (topic, worker), each with its own sink.
 
 Each thread is supervised: if its consumer ever raises (broker gone, a bug), the
 error is logged, and after a back-off a fresh consumer resumes from the committed
@@ -17,33 +17,13 @@ from ingest.dead_letter import DeadLetterQueue
 from ingest.events import FEEDBACK, GENERATIONS, Codec
 from ingest.producer import make_producer
 from tollgate.settings import Settings
-from warehouse.client import connect
+from ingest.sink import DirectSink, Sink
 
 log = logging.getLogger(__name__)
 
 
 def codecs_by_topic(settings: Settings) -> dict[str, Codec]:
     return {settings.topic_gateway_logs: GENERATIONS, settings.topic_feedback: FEEDBACK}
-
-
-# ClickHouse reads the JSON objects and arrays of body columns as their own text.
-INSERT_SETTINGS = {
-    "insert_deduplicate": 1,
-    "input_format_json_read_objects_as_strings": 1,
-    "input_format_json_read_arrays_as_strings": 1,
-    "input_format_skip_unknown_fields": 0,
-}
-
-
-def batch_writer(dsn: str) -> Callable[[Codec, bytes], None]:
-    """One INSERT … FORMAT JSONCompactEachRow per batch; ClickHouse parses it."""
-    client = connect(dsn)
-
-    def write(codec: Codec, body: bytes) -> None:
-        client.raw_insert(codec.table, column_names=codec.columns, insert_block=body, fmt="JSONCompactEachRow",
-                          settings=INSERT_SETTINGS)
-
-    return write
 
 
 class _Supervised:
@@ -80,17 +60,24 @@ class _Supervised:
 
 
 class IngestWorkers:
-    def __init__(self, settings: Settings, bootstrap: str, workers: int | None = None, topics: list[str] | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        bootstrap: str,
+        workers: int = 1,
+        topics: list[str] | None = None,
+        sink: Callable[[], Sink] | None = None,
+    ):
         self.settings = settings
         self.bootstrap = bootstrap
+        self.make_sink = sink or (lambda: DirectSink(settings.warehouse_dsn))
         self.producer = make_producer(bootstrap)
         self.dead_letters = DeadLetterQueue(self.producer, settings.topic_dead_letter)
         codecs = codecs_by_topic(settings)
-        n = workers or settings.ingest_workers
         self.units = [
             _Supervised(f"{topic}-{i}", self._factory(topic, codecs[topic], f"{topic}-{i}"))
             for topic in (topics or list(codecs))
-            for i in range(n)
+            for i in range(workers)
         ]
 
     def _factory(self, topic: str, codec: Codec, name: str) -> Callable[[], IngestConsumer]:
@@ -102,7 +89,7 @@ class IngestWorkers:
                 topic=topic,
                 group_id=f"{s.ingest_consumer_group}.{topic}",  # one group per topic: members of a group share subscriptions
                 codec=codec,
-                write=batch_writer(s.warehouse_dsn),
+                write=self.make_sink(),
                 dead_letters=self.dead_letters,
                 batch_size=s.ingest_batch_size,
                 batch_seconds=s.ingest_batch_seconds,

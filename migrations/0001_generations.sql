@@ -7,6 +7,8 @@
 -- (organisation_id, workspace_slug, created_at, id) and ReplacingMergeTree collapses
 -- it. Read with FINAL (the API always does) to see each id once before merges run.
 -- Identical re-sent blocks are also dropped on insert (non_replicated_deduplication_window).
+-- Merges are vertical (one column at a time) even for small parts: this table is wide,
+-- and a horizontal merge of its 57 columns needs hundreds of MB.
 CREATE TABLE IF NOT EXISTS generations
 (
     id                         String,
@@ -78,4 +80,6 @@ CREATE TABLE IF NOT EXISTS generations
 ENGINE = ReplacingMergeTree
 PARTITION BY toYYYYMM(created_at)
 ORDER BY (organisation_id, workspace_slug, created_at, id)
-SETTINGS non_replicated_deduplication_window = 1000;
+SETTINGS non_replicated_deduplication_window = 1000,
+         vertical_merge_algorithm_min_rows_to_activate = 1,
+         vertical_merge_algorithm_min_columns_to_activate = 1;

@@ -35,7 +35,8 @@ from ingest.dead_letter import TRUNCATE_TO, DeadLetterQueue
 from ingest.events import FEEDBACK, GENERATIONS, InvalidEvent, decode_feedback, decode_gateway_log
 from ingest.pipeline import Message, build_pipeline
 from ingest.producer import make_producer
-from ingest.workers import INSERT_SETTINGS, IngestWorkers, batch_writer
+from ingest.sink import INSERT_SETTINGS, DirectSink
+from ingest.workers import IngestWorkers
 from warehouse.client import connect
 from warehouse.migrate import migrate
 
@@ -286,7 +287,7 @@ def test_pipeline_dead_letters_oversized_and_null(limit, settings, broker, wareh
     producer = make_producer(broker.bootstrap, **({"max_request_size": limit} if limit else {}))
     committed: dict = {}
     pipe = build_pipeline(
-        GENERATIONS, batch_writer(settings.warehouse_dsn), DeadLetterQueue(producer, settings.topic_dead_letter),
+        GENERATIONS, DirectSink(settings.warehouse_dsn), DeadLetterQueue(producer, settings.topic_dead_letter),
         committed.update, batch_size=1000, batch_seconds=60, max_event_bytes=MAX_EVENT_BYTES,
     )
     for m in msgs:

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     ingest_batch_seconds: float = Field(1.0, gt=0, description="... or when the oldest event waited this long.")
     ingest_max_event_bytes: int = Field(1_048_576, ge=1024, description="Larger events are dead-lettered.")
     ingest_consumer_group: str = "tollgate-ingest"
-    ingest_workers: int = Field(1, ge=1, description="Consumers per topic inside one ingest process.")
+    ingest_workers: int = Field(1, ge=1, description="Ingest worker processes; each runs one consumer per topic.")
     ingest_retry_max_seconds: float = Field(30.0, gt=0, description="Cap of the insert retry back-off.")
 
     # -- warehouse -----------------------------------------------------------

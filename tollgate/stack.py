@@ -21,7 +21,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from analytics_api.app import create_app
 from analytics_api.auth import SCOPES, hash_key, new_key
 from ingest.producer import ensure_topics
-from ingest.workers import IngestWorkers
+from ingest.processes import IngestProcesses
 from tollgate.broker import EmbeddedBroker
 from tollgate.settings import Settings
 from warehouse.client import connect
@@ -136,7 +136,7 @@ def up(settings: Settings, host: str, port: int, ingest_workers: int | None = No
         say(f"warehouse {settings.warehouse_dsn}: {len(applied)} migration(s) applied")
         admin_key = ensure_admin_key(settings, client)
 
-        workers = IngestWorkers(settings, bootstrap, workers=ingest_workers)
+        workers = IngestProcesses(settings, bootstrap, ingest_workers or settings.ingest_workers)
         workers.start()
         cleanup.callback(workers.stop)  # runs before the broker stops: drain, insert, commit
 
@@ -173,9 +173,9 @@ def run_ingest(settings: Settings, workers: int | None = None) -> int:
     stop = StopSignal()
     bootstrap = kafka_bootstrap(settings)
     ensure_topics(bootstrap, settings.all_topics, settings.topic_partitions)
-    pool = IngestWorkers(settings, bootstrap, workers=workers)
+    pool = IngestProcesses(settings, bootstrap, workers or settings.ingest_workers)
     pool.start()
-    say(f"ingest: {len(pool.units)} consumer(s) on {bootstrap} → {settings.warehouse_dsn}")
+    say(f"ingest: {pool.count} worker process(es) on {bootstrap} → {settings.warehouse_dsn}")
     stop.wait()
     pool.stop()
     return 0

@@ -109,6 +109,17 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            pass
+    return total
+
+
 def peak_rss_mib(pid: int, seen: dict[int, float]) -> float:
     """Peak RSS of the ingest process and its worker processes (sum of each one's peak)."""
     for p in process_tree(pid):
@@ -163,6 +174,9 @@ def main() -> None:
                 raise SystemExit(f"ingest exited with {worker.returncode}")
             time.sleep(0.2)
         t1 = time.perf_counter()
+        cpu = cpu_seconds(process_tree(worker.pid))
+        cpu_parts = [round(cpu_seconds([p]), 1) for p in process_tree(worker.pid)]
+        broker_cpu = cpu_seconds([broker.process.pid])
         admin.close()
         total_rate = n / (t1 - t0)
         e2e = (n - first[1]) / (t1 - first[0]) if first else total_rate
@@ -171,6 +185,7 @@ def main() -> None:
         worker.wait(60)
         print(f"end to end, from process start: {total_rate:>10,.0f} events/s  (includes start-up and the group join)")
         print(f"end to end, steady state:       {e2e:>10,.0f} events/s  (from the first commit to the last)")
+        print(f"CPU used: ingest {cpu:.1f}s {cpu_parts}, broker {broker_cpu:.1f}s over {t1 - t0:.1f}s wall (2 cores = {2 * (t1 - t0):.1f}s)")
         print(f"ratio end-to-end / raw:         {e2e / raw:>10.2f}")
         print(f"peak RSS of the ingest process: {rss:>10,.0f} MiB  (with its worker processes: "
               + ", ".join(f"{v:,.0f}" for v in peaks.values()) + ")")

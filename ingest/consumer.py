@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from typing import Callable
 
@@ -62,6 +63,8 @@ class IngestConsumer:
         self._stop = threading.Event()
         self._pending: deque = deque()  # ConsumerRecords not yet accepted by the pipeline
         self._paused = False
+        self._blocked_since: float | None = None
+        self.pause_after_seconds = 5.0
         self.stats = {"consumed": 0, "inserted": 0, "dead_lettered": 0, "batches": 0, "commits": 0}
         config = {**CONSUMER_DEFAULTS, **(consumer_overrides or {})}
         self.consumer = KafkaConsumer(
@@ -133,10 +136,22 @@ class IngestConsumer:
 
     def _step(self) -> None:
         self._drain_pending()
-        if self._pending and not self._paused:
-            self.consumer.pause(*self.consumer.assignment())
-            self._paused = True
-        elif not self._pending and self._paused:
+        if self._pending:
+            # Pushed back: wait for the insert in flight rather than fetch more. Keep the
+            # fetched records (pausing would discard them); only a long stall (warehouse
+            # down) pauses the partitions, so that polling keeps us in the group.
+            self.pipeline.poll(wait=0.05)
+            self._drain_pending()
+            if self._pending:
+                self._blocked_since = self._blocked_since or time.monotonic()
+                if time.monotonic() - self._blocked_since > self.pause_after_seconds:
+                    if not self._paused:
+                        self.consumer.pause(*self.consumer.assignment())
+                        self._paused = True
+                    self.consumer.poll(timeout_ms=0)
+                return
+        self._blocked_since = None
+        if self._paused:
             self.consumer.resume(*self.consumer.paused())
             self._paused = False
         records = self.consumer.poll(timeout_ms=100)
@@ -154,7 +169,7 @@ class IngestConsumer:
                 submit(pending[0])
                 pending.popleft()
         except MessageRejected:
-            self.pipeline.poll()
+            pass
 
     def stop(self) -> None:
         self._stop.set()

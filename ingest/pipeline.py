@@ -2,7 +2,8 @@
 
 A consumer is a chain ``Validate → Batch → Insert → Commit``. Each step has
 ``submit`` (take one item; raise :class:`MessageRejected` to push back),
-``poll`` (do time-based work, pass finished work on), ``join`` (finish what is in
+``poll`` (do time-based work, pass finished work on; ``poll(wait)`` may block up to
+``wait`` seconds for the work in flight, which a pushed-back consumer uses), ``join`` (finish what is in
 flight) and ``close``. The order gives the guarantee: an offset reaches
 ``Commit`` only after the batch holding it was acknowledged by ClickHouse and
 every dead-letter record of that batch was acknowledged by Kafka. A crash at any
@@ -20,6 +21,7 @@ import random
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -62,7 +64,7 @@ class Batch:
 
 class Step(Protocol):
     def submit(self, item) -> None: ...
-    def poll(self) -> None: ...
+    def poll(self, wait: float = 0.0) -> None: ...
     def join(self, timeout: float | None = None) -> None: ...
     def close(self) -> None: ...
 
@@ -93,8 +95,8 @@ class Validate:
         else:
             self.next.add(message, row=row)
 
-    def poll(self) -> None:
-        self.next.poll()
+    def poll(self, wait: float = 0.0) -> None:
+        self.next.poll(wait)
 
     def join(self, timeout: float | None = None) -> None:
         self.next.join(timeout)
@@ -142,12 +144,12 @@ class BatchStep:
         except MessageRejected:
             pass
 
-    def poll(self) -> None:
+    def poll(self, wait: float = 0.0) -> None:
+        self.next.poll(wait if self.ready is not None else 0.0)
         if self.ready is not None:
             self._hand_on()
         if self.ready is None and self.batch is not None and time.monotonic() - self.batch.opened_at >= self.max_seconds:
             self._close_batch()
-        self.next.poll()
 
     def join(self, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -231,10 +233,12 @@ class Insert:
         if self.on_insert:
             self.on_insert(batch, time.monotonic() - started)
 
-    def poll(self) -> None:
+    def poll(self, wait: float = 0.0) -> None:
         if self._inflight is None:
             return
         batch, future = self._inflight
+        if wait > 0:
+            futures_wait([future], timeout=wait)
         if not future.done():
             return
         self._inflight = None
@@ -274,7 +278,7 @@ class Commit:
         if batch.offsets:
             self.commit(batch.offsets)
 
-    def poll(self) -> None:
+    def poll(self, wait: float = 0.0) -> None:
         pass
 
     def join(self, timeout: float | None = None) -> None:

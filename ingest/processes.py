@@ -19,6 +19,7 @@ import multiprocessing
 import signal
 import threading
 import time
+from pathlib import Path
 
 from ingest.sink import DirectSink, RemoteSink, SinkServer
 from tollgate.settings import Settings
@@ -35,6 +36,10 @@ def _die_with_parent() -> None:
         pass
 
 
+def spool_dir(settings: Settings) -> Path:
+    return settings.data_dir.resolve() / "spool"
+
+
 def worker_main(settings_json: str, bootstrap: str, index: int, conn, log_level: int) -> None:
     """Entry point of a worker process."""
     _die_with_parent()
@@ -46,7 +51,7 @@ def worker_main(settings_json: str, bootstrap: str, index: int, conn, log_level:
     from ingest.workers import IngestWorkers
 
     if conn is not None:
-        remote = RemoteSink(conn)
+        remote = RemoteSink(conn, spool_dir(settings))
         make_sink = lambda: remote  # noqa: E731 - one pipe per process
     else:
         make_sink = lambda: DirectSink(settings.warehouse_dsn)  # noqa: E731
@@ -66,7 +71,9 @@ class IngestProcesses:
         self.count = processes
         self._ctx = multiprocessing.get_context("spawn")
         # children read the warehouse DSN resolved here, whatever their working directory
-        self._settings_json = settings.model_copy(update={"clickhouse_dsn": settings.warehouse_dsn}).model_dump_json()
+        self._settings_json = settings.model_copy(
+            update={"clickhouse_dsn": settings.warehouse_dsn, "data_dir": settings.data_dir.resolve()}
+        ).model_dump_json()
         self._procs: list = [None] * processes
         self._stop = threading.Event()
         self.restarts = 0
@@ -76,6 +83,7 @@ class IngestProcesses:
     def _spawn(self, index: int):
         conn = None
         if self.settings.is_embedded_warehouse:
+            spool_dir(self.settings).mkdir(parents=True, exist_ok=True)
             parent_end, conn = self._ctx.Pipe()
             SinkServer(self.settings.warehouse_dsn, parent_end, f"worker-{index}").start()
         proc = self._ctx.Process(

@@ -2,20 +2,28 @@
 
 A ClickHouse server takes inserts from any number of processes, so each consumer
 uses a :class:`DirectSink`. The embedded engine (chdb) can be opened by one process
-only; ingest worker processes then send their batches to that process over a pipe
-(:class:`RemoteSink` → :class:`SinkServer`), which inserts them with its own client
-and answers only after ClickHouse acknowledged. Either way the worker commits its
-offsets only after that answer.
+only; an ingest worker process then writes its batch to a spool file and asks that
+process over a pipe to insert it (:class:`RemoteSink` → :class:`SinkServer`), which
+runs ``INSERT … FROM INFILE`` and answers only after ClickHouse acknowledged.
+Either way the worker commits its offsets only after that answer. (The spool file
+is what clickhouse-connect's chdb backend does for every insert anyway; writing it
+in the worker saves copying each batch through the pipe and the owner's memory.)
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import re
 import threading
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Protocol
 
 from ingest.events import Codec
+from clickhouse_connect.driver.binding import quote_identifier
+
 from warehouse.client import connect
 
 log = logging.getLogger(__name__)
@@ -45,6 +53,19 @@ def insert_rows(client, table: str, columns: list[str], body: bytes) -> None:
     client.raw_insert(table, column_names=columns, insert_block=body, fmt="JSONCompactEachRow", settings=INSERT_SETTINGS)
 
 
+_TABLES = {"generations", "feedback", "audit_logs"}
+_SPOOL_NAME = re.compile(r"^[A-Za-z0-9_./-]+\.jsonl$")
+
+
+def insert_file(client, table: str, columns: list[str], path: str) -> None:
+    """INSERT … FROM INFILE for a spool file (embedded engine only: the file is local)."""
+    if table not in _TABLES or not _SPOOL_NAME.match(path):
+        raise InsertFailed(f"refusing to insert {path!r} into {table!r}")
+    cols = ", ".join(quote_identifier(c) for c in columns)
+    clause = ", ".join(f"{k} = {int(v)}" for k, v in INSERT_SETTINGS.items())
+    client.command(f"INSERT INTO {table} ({cols}) FROM INFILE '{path}' SETTINGS {clause} FORMAT JSONCompactEachRow")
+
+
 class DirectSink:
     def __init__(self, dsn: str):
         self.client = connect(dsn)
@@ -54,17 +75,23 @@ class DirectSink:
 
 
 class RemoteSink:
-    """In a worker process: have the warehouse-owning process insert the batch."""
+    """In a worker process: spool the batch to a file, have the warehouse owner insert it."""
 
-    def __init__(self, conn: Connection):
+    def __init__(self, conn: Connection, spool_dir: Path):
         self.conn = conn
+        self.spool_dir = spool_dir
         self._lock = threading.Lock()  # the consumers of one process share the pipe
+        self._count = itertools.count()
 
     def __call__(self, codec: Codec, body: bytes) -> None:
-        with self._lock:
-            self.conn.send((codec.table, codec.columns))
-            self.conn.send_bytes(body)
-            status, detail = self.conn.recv()
+        path = self.spool_dir / f"{os.getpid()}-{next(self._count)}.jsonl"
+        path.write_bytes(body)
+        try:
+            with self._lock:
+                self.conn.send((codec.table, codec.columns, str(path)))
+                status, detail = self.conn.recv()
+        finally:
+            path.unlink(missing_ok=True)
         if status != "ok":
             raise InsertFailed(detail)
 
@@ -85,12 +112,11 @@ class SinkServer:
         client = connect(self.dsn)
         while True:
             try:
-                table, columns = self.conn.recv()
-                body = self.conn.recv_bytes()
+                table, columns, path = self.conn.recv()
             except (EOFError, OSError):
                 return  # the worker process is gone
             try:
-                insert_rows(client, table, columns, body)
+                insert_file(client, table, columns, path)
                 answer = ("ok", None)
             except Exception as exc:  # the worker retries with back-off
                 log.warning("insert into %s for a worker failed: %s", table, exc)

@@ -8,20 +8,22 @@
 -- it. Read with FINAL (the API always does) to see each id once before merges run.
 -- Identical re-sent blocks are also dropped on insert (non_replicated_deduplication_window).
 -- Merges are vertical (one column at a time) even for small parts: this table is wide,
--- and a horizontal merge of its 57 columns needs hundreds of MB.
+-- and a horizontal merge of its 57 columns needs hundreds of MB. Parts stay compact
+-- (one file) up to 256 MB, which makes the many-column inserts of ingest cheaper.
+-- LowCardinality only where dashboards group or filter; it costs insert CPU.
 CREATE TABLE IF NOT EXISTS generations
 (
     id                         String,
     organisation_id            LowCardinality(String),
     workspace_slug             LowCardinality(String),
     created_at                 DateTime64(3, 'UTC'),
-    organisation_name          LowCardinality(String) DEFAULT '',
+    organisation_name          String DEFAULT '',
     prompt_id                  String DEFAULT '',
     prompt_version_id          String DEFAULT '',
     prompt_slug                LowCardinality(String) DEFAULT '',
-    config_id                  LowCardinality(String) DEFAULT '',
+    config_id                  String DEFAULT '',
     config                     LowCardinality(String) DEFAULT '',
-    config_version_id          LowCardinality(String) DEFAULT '',
+    config_version_id          String DEFAULT '',
     is_success                 Bool,
     ai_org                     LowCardinality(String) DEFAULT '',
     ai_model                   LowCardinality(String) DEFAULT '',
@@ -29,29 +31,29 @@ CREATE TABLE IF NOT EXISTS generations
     res_units                  UInt32 DEFAULT 0,
     total_units                UInt32 DEFAULT 0,
     cost                       Nullable(Float64),
-    cost_currency              LowCardinality(String) DEFAULT 'USD',
+    cost_currency              String DEFAULT 'USD',
     request_url                String DEFAULT '',
-    request_method             LowCardinality(String) DEFAULT '',
+    request_method             String DEFAULT '',
     response_status_code       UInt16,
     response_time              UInt32 DEFAULT 0,
     is_proxy_call              Bool DEFAULT false,
     cache_status               LowCardinality(Nullable(String)),
-    cache_type                 LowCardinality(Nullable(String)),
+    cache_type                 Nullable(String),
     stream_mode                Nullable(UInt8),
     retry_success_count        UInt16 DEFAULT 0,
     trace_id                   String DEFAULT '',
     span_id                    String DEFAULT '',
-    span_name                  LowCardinality(String) DEFAULT '',
+    span_name                  String DEFAULT '',
     parent_span_id             String DEFAULT '',
     mode                       LowCardinality(String) DEFAULT '',
     virtual_key                LowCardinality(String) DEFAULT '',
-    source                     LowCardinality(String) DEFAULT '',
-    runtime                    LowCardinality(String) DEFAULT '',
-    runtime_version            LowCardinality(String) DEFAULT '',
-    sdk_version                LowCardinality(String) DEFAULT '',
+    source                     String DEFAULT '',
+    runtime                    String DEFAULT '',
+    runtime_version            String DEFAULT '',
+    sdk_version                String DEFAULT '',
     internal_trace_id          String DEFAULT '',
     last_used_option_index     Int32 DEFAULT 0,
-    log_store_file_path_format LowCardinality(String) DEFAULT '',
+    log_store_file_path_format String DEFAULT '',
     metadata Nested
     (
         key   LowCardinality(String),
@@ -82,4 +84,5 @@ PARTITION BY toYYYYMM(created_at)
 ORDER BY (organisation_id, workspace_slug, created_at, id)
 SETTINGS non_replicated_deduplication_window = 1000,
          vertical_merge_algorithm_min_rows_to_activate = 1,
-         vertical_merge_algorithm_min_columns_to_activate = 1;
+         vertical_merge_algorithm_min_columns_to_activate = 1,
+         min_bytes_for_wide_part = 268435456;

@@ -16,7 +16,7 @@ from typing import Callable
 import orjson
 import pytest
 from fastapi.testclient import TestClient
-from kafka import KafkaAdminClient, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
 from analytics_api.app import create_app
 from analytics_api.auth import SCOPES, hash_key, new_key
@@ -138,6 +138,19 @@ def publish(producer, topic: str, events: list) -> dict[int, int]:
         meta = f.get(timeout=30)
         ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
     return ends
+
+
+def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 30.0) -> list:
+    """Records of ``topic`` from the beginning, until ``expected`` arrived or the timeout."""
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
+                             fetch_max_wait_ms=100)
+    records: list = []
+    deadline = time.monotonic() + timeout
+    while len(records) < expected and time.monotonic() < deadline:
+        for batch in consumer.poll(timeout_ms=500).values():
+            records.extend(batch)
+    consumer.close()
+    return records
 
 
 def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:

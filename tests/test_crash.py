@@ -93,6 +93,7 @@ def spawned_workers(parent: int) -> list[int]:
 
 def test_sigkilled_worker_counts_every_event_once(settings, producer, broker, org, tmp_path):
     expected, total = make_stream(producer, settings, org, 40_000, resent=800)
+    rng = random.Random(7)  # when to kill
     env = ingest_env(settings, broker, tmp_path)
     cli = CLI
     subprocess.run([*cli, "migrate"], env=env, check=True, capture_output=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import random
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -29,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
-from conftest import count_generations, wait_until
+from conftest import count_generations, read_topic, wait_until
 from factories import gateway_log, iso
 from ingest.dead_letter import TRUNCATE_TO, DeadLetterQueue
 from ingest.events import FEEDBACK, GENERATIONS, InvalidEvent, decode_feedback, decode_gateway_log
@@ -259,18 +258,6 @@ def test_feedback_metadata_with_big_integers_is_stored_as_text():
 # --------------------------------------------------------------------------- pipeline steps on the real broker and warehouse
 
 
-def _read_dead_letters(bootstrap: str, topic: str, expected: int) -> list:
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
-                             fetch_max_wait_ms=100)
-    records: list = []
-    deadline = time.monotonic() + 30
-    while len(records) < expected and time.monotonic() < deadline:
-        for batch in consumer.poll(timeout_ms=500).values():
-            records.extend(batch)
-    consumer.close()
-    return records
-
-
 @pytest.mark.parametrize("limit", [None, 70_000], ids=["fits", "producer-refuses-whole"])
 def test_pipeline_dead_letters_oversized_and_null(limit, settings, broker, warehouse, org):
     """The steps alone: an oversized and a null message become dead letters (truncated when the
@@ -298,7 +285,7 @@ def test_pipeline_dead_letters_oversized_and_null(limit, settings, broker, wareh
 
     assert committed == {("src", 0): 14}
     assert count_generations(warehouse, org) == 2
-    letters = _read_dead_letters(broker.bootstrap, settings.topic_dead_letter, 2)
+    letters = read_topic(broker.bootstrap, settings.topic_dead_letter, 2)
     oversized, tombstone = sorted(letters, key=lambda r: dict(r.headers)["tollgate.source.offset"])
     headers = [dict(r.headers) for r in (oversized, tombstone)]
     assert [h["tollgate.source.offset"] for h in headers] == [b"11", b"12"]

@@ -5,22 +5,20 @@ from __future__ import annotations
 import functools
 import json
 import re
-import time
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
 import pytest
+from conftest import read_topic
 
 import ingest
 from ingest.events import decode_feedback, decode_gateway_log
 from ingest.pricing import PricingTable, Rates
 from ingest.producer import make_producer
-from kafka import KafkaConsumer
 from tollgate.broker import EmbeddedBroker
 from tollgate.seed import generate, publish
-from tollgate.settings import Settings
 
 END = datetime(2026, 11, 20, 12, tzinfo=UTC)
 DAYS = 7
@@ -277,18 +275,6 @@ def test_event_size_is_realistic():
 # --------------------------------------------------------------------------- publish
 
 
-def _read_all(bootstrap: str, topic: str, expected: int) -> list:
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
-                             fetch_max_wait_ms=100)
-    records = []
-    deadline = time.monotonic() + 30
-    while len(records) < expected and time.monotonic() < deadline:
-        for batch in consumer.poll(timeout_ms=500).values():
-            records.extend(batch)
-    consumer.close()
-    return records
-
-
 def test_publish_sends_every_event_keyed_by_id(settings, producer, broker):
     counts = publish(producer, settings, 600, 2, ORG, WORKSPACE, seed=3, end=END, progress=False)
     expected = list(generate(600, 2, ORG, WORKSPACE, seed=3, end=END))
@@ -297,7 +283,7 @@ def test_publish_sends_every_event_keyed_by_id(settings, producer, broker):
     assert counts["feedback"] > 0
     for kind, topic in (("gateway_log", settings.topic_gateway_logs), ("feedback", settings.topic_feedback)):
         want = {(ev["_id"] if kind == "gateway_log" else ev["id"]).encode(): orjson.dumps(ev) for k, ev in expected if k == kind}
-        got = {r.key: r.value for r in _read_all(broker.bootstrap, topic, len(want))}
+        got = {r.key: r.value for r in read_topic(broker.bootstrap, topic, len(want))}
         assert got == want
 
 

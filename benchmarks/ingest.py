@@ -1,6 +1,6 @@
 """End-to-end ingest rate vs the raw kafka-python consume rate, in one run.
 
-    .venv/bin/python benchmarks/ingest.py [--events 400000] [--partitions 3] [--batch-size 20000]
+    .venv/bin/python benchmarks/ingest.py [--events 1000000] [--partitions 3] [--batch-size 40000]
 
 1. Starts the embedded broker and produces N gateway logs of ≈1.5 KB.
 2. Baseline: a bare kafka-python consumer (same fetch settings as ingest) reads
@@ -129,9 +129,9 @@ def peak_rss_mib(pid: int, seen: dict[int, float]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--events", type=int, default=400_000)
+    ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--partitions", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=20_000)
+    ap.add_argument("--batch-size", type=int, default=40_000)
     args = ap.parse_args()
     n = args.events
     tmp = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))

@@ -12,7 +12,7 @@ A codec turns a list of valid events into one Arrow table for one insert.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, Iterator
 
 import msgspec
 import orjson
@@ -372,8 +372,8 @@ class Codec:
     """How one topic's events become rows of one table.
 
     ``encode`` validates an event and returns its row as one JSONCompactEachRow line
-    (a JSON array in ``columns`` order). A batch is those lines joined by newlines,
-    which ClickHouse parses itself, off the GIL. Encoding happens per event, so a
+    (a JSON array in ``columns`` order). A batch is those lines, streamed to
+    ClickHouse, which parses them itself, off the GIL. Encoding happens per event, so a
     value that cannot be encoded is an invalid event, never a failed batch.
     """
 
@@ -390,8 +390,10 @@ class Codec:
             raise InvalidEvent(f"cannot store the event: {exc}") from None
 
     @staticmethod
-    def batch(rows: list[bytes]) -> bytes:
-        return b"\n".join(rows)
+    def chunks(rows: list[bytes], size: int = 2000) -> Iterator[bytes]:
+        """The batch as newline-terminated chunks of ``size`` rows: streamed, never one big copy."""
+        for start in range(0, len(rows), size):
+            yield b"\n".join(rows[start:start + size]) + b"\n"
 
 
 GENERATIONS = Codec("generations", GENERATION_COLUMNS, decode_gateway_log)

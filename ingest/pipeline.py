@@ -186,7 +186,7 @@ class Insert:
     def __init__(
         self,
         codec: Codec,
-        write: Callable[[Codec, bytes], None],
+        write: Callable[[Codec, list[bytes]], None],
         dead_letters: DeadLetterQueue,
         next_step: "Commit",
         retry_max_seconds: float = 30.0,
@@ -217,7 +217,7 @@ class Insert:
         while True:
             try:
                 if pending_rows:
-                    self.write(self.codec, self.codec.batch(batch.rows))
+                    self.write(self.codec, batch.rows)
                     pending_rows = False  # acknowledged: never insert this batch again, even if DLQ retries below
                 self.dlq.confirm(batch.dead_letters)
                 break
@@ -290,7 +290,7 @@ class Commit:
 
 def build_pipeline(
     codec: Codec,
-    write: Callable[[Codec, bytes], None],
+    write: Callable[[Codec, list[bytes]], None],
     dead_letters: DeadLetterQueue,
     commit: Callable[[dict[TopicPartition, int]], None],
     *,

@@ -41,16 +41,17 @@ INSERT_SETTINGS = {
 
 
 class Sink(Protocol):
-    def __call__(self, codec: Codec, body: bytes) -> None: ...
+    def __call__(self, codec: Codec, rows: list[bytes]) -> None: ...
 
 
 class InsertFailed(RuntimeError):
     pass
 
 
-def insert_rows(client, table: str, columns: list[str], body: bytes) -> None:
-    """One INSERT … FORMAT JSONCompactEachRow; ClickHouse parses the batch."""
-    client.raw_insert(table, column_names=columns, insert_block=body, fmt="JSONCompactEachRow", settings=INSERT_SETTINGS)
+def insert_rows(client, codec: Codec, rows: list[bytes]) -> None:
+    """One INSERT … FORMAT JSONCompactEachRow, streamed; ClickHouse parses the batch."""
+    client.raw_insert(codec.table, column_names=codec.columns, insert_block=codec.chunks(rows),
+                      fmt="JSONCompactEachRow", settings=INSERT_SETTINGS)
 
 
 _TABLES = {"generations", "feedback", "audit_logs"}
@@ -70,8 +71,8 @@ class DirectSink:
     def __init__(self, dsn: str):
         self.client = connect(dsn)
 
-    def __call__(self, codec: Codec, body: bytes) -> None:
-        insert_rows(self.client, codec.table, codec.columns, body)
+    def __call__(self, codec: Codec, rows: list[bytes]) -> None:
+        insert_rows(self.client, codec, rows)
 
 
 class RemoteSink:
@@ -83,10 +84,11 @@ class RemoteSink:
         self._lock = threading.Lock()  # the consumers of one process share the pipe
         self._count = itertools.count()
 
-    def __call__(self, codec: Codec, body: bytes) -> None:
+    def __call__(self, codec: Codec, rows: list[bytes]) -> None:
         path = self.spool_dir / f"{os.getpid()}-{next(self._count)}.jsonl"
-        path.write_bytes(body)
         try:
+            with open(path, "wb") as spool:
+                spool.writelines(codec.chunks(rows))
             with self._lock:
                 self.conn.send((codec.table, codec.columns, str(path)))
                 status, detail = self.conn.recv()

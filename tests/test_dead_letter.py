@@ -34,7 +34,7 @@ from ingest.dead_letter import TRUNCATE_TO, DeadLetterQueue
 from ingest.events import FEEDBACK, GENERATIONS, InvalidEvent, decode_feedback, decode_gateway_log
 from ingest.pipeline import Message, build_pipeline
 from ingest.producer import make_producer
-from ingest.sink import INSERT_SETTINGS, DirectSink
+from ingest.sink import DirectSink, insert_rows
 from ingest.workers import IngestWorkers
 from warehouse.client import connect
 from warehouse.migrate import migrate
@@ -245,7 +245,7 @@ def test_good_events_decode():
     for _ in range(20):
         for codec, value in ((GENERATIONS, _dumps(gateway_log(CORPUS_ORG, rng=rng))),
                              (FEEDBACK, _dumps(good_feedback(CORPUS_ORG, rng)))):
-            _SCRATCH["write"](codec, codec.batch([codec.encode(value)]))  # accepted and insertable
+            _SCRATCH["write"](codec, [codec.encode(value)])  # accepted and insertable
 
 
 def test_feedback_metadata_with_big_integers_is_stored_as_text():
@@ -365,8 +365,7 @@ def scratch_warehouse(base_settings, warehouse):
     warehouse.command(f"CREATE DATABASE {db}")
     client = connect(base_settings.warehouse_dsn, database=db)
     migrate(client)
-    _SCRATCH["write"] = lambda codec, body: client.raw_insert(
-        codec.table, column_names=codec.columns, insert_block=body, fmt="JSONCompactEachRow", settings=INSERT_SETTINGS)
+    _SCRATCH["write"] = lambda codec, rows: insert_rows(client, codec, rows)
     yield
     _SCRATCH.clear()
     warehouse.command(f"DROP DATABASE {db}")
@@ -379,7 +378,7 @@ def _decodes_or_rejects(decode: Callable[[bytes], tuple], codec, value: bytes) -
     except InvalidEvent as exc:
         assert exc.reason
         return
-    _SCRATCH["write"](codec, codec.batch([row]))  # an accepted event must also be insertable
+    _SCRATCH["write"](codec, [row])  # an accepted event must also be insertable
 
 
 _PROPS = hyp_settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -119,7 +119,8 @@ def test_sigkilled_worker_counts_every_event_once(settings, producer, broker, or
     assert progress_at_kill[0] < total, "the first kill must land mid-stream"
 
     # a last worker finishes the stream and stops gracefully
-    worker = subprocess.Popen([*cli, "ingest"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    worker = subprocess.Popen([*cli, "ingest"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert worker.stdout.readline().startswith(b"ingest:")  # started, signal handlers installed
     assert wait_until(lambda: committed_total(broker.bootstrap, group, topic, settings.topic_partitions) >= total, timeout=180, interval=0.5)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(60) == 0, worker.stderr.read().decode()[-2000:]
@@ -139,7 +140,8 @@ def test_killed_worker_process_is_replaced_and_nothing_is_lost(settings, produce
     group = f"{settings.ingest_consumer_group}.{topic}"
     progress = lambda: committed_total(broker.bootstrap, group, topic, settings.topic_partitions)  # noqa: E731
 
-    owner = subprocess.Popen([*CLI, "ingest"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    owner = subprocess.Popen([*CLI, "ingest"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert owner.stdout.readline().startswith(b"ingest:")
     assert wait_until(lambda: progress() > 0, timeout=60)
     workers = spawned_workers(owner.pid)
     assert len(workers) == 1, workers

@@ -1,14 +1,14 @@
 """`tollgate up`: the whole embedded stack in one process, and the production roles.
 
-One process because one chdb data directory can be opened by one process only:
-the broker runs as a child process; migrations, ingest consumers, the scheduler
-and the API share this process and its warehouse engine.
+One chdb data directory can be opened by one process only, so this process owns
+the warehouse: migrations, the scheduler, the API and every insert run here. The
+broker and the ingest worker processes (which decode and hand their batches to
+this process) are its children.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import threading
@@ -27,9 +27,6 @@ from tollgate.settings import Settings
 from warehouse.client import connect
 from warehouse.migrate import migrate
 from warehouse.queries import api_keys
-
-log = logging.getLogger("tollgate")
-
 
 def say(message: str) -> None:
     print(message, flush=True)

@@ -1,0 +1,113 @@
+"""``/analytics/groups/…``: the column catalog, and Polars merging the generation and
+feedback aggregates per group, then sorting and paging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+import pyarrow as pa
+
+from analytics_api.metrics.shape import fill_zeros, iround, ratio, split_total
+
+col = pl.col
+HITS = col("simple_hits") + col("semantic_hits")
+
+
+def decimals(expr: pl.Expr, places: int) -> pl.Expr:
+    """Rounded to ``places`` decimals, halves away from zero (as :func:`iround`)."""
+    scale = 10**places
+    return iround(expr * scale).cast(pl.Float64) / scale
+
+
+def utc_text(name: str) -> pl.Expr:
+    return col(name).dt.convert_time_zone("UTC").dt.strftime("%Y-%m-%dT%H:%M:%S%.3fZ")
+
+
+def latency(i: int) -> pl.Expr:
+    return col("latency_q").list.get(i, null_on_oob=True).fill_null(0).cast(pl.Int64)
+
+
+@dataclass(frozen=True)
+class Column:
+    measures: tuple[str, ...]  # generation measures it needs
+    expr: pl.Expr
+    feedback: bool = False  # needs the feedback aggregates
+
+
+COLUMNS: dict[str, Column] = {
+    "requests": Column(("requests",), col("requests").cast(pl.Int64)),
+    "cost": Column(("cost",), decimals(col("cost"), 4)),
+    "avg_cost": Column(("requests", "cost"), decimals(ratio("cost", "requests"), 4)),
+    "tokens": Column(("tokens",), col("tokens").cast(pl.Int64)),
+    "prompt_tokens": Column(("prompt_tokens",), col("prompt_tokens").cast(pl.Int64)),
+    "completion_tokens": Column(("completion_tokens",), col("completion_tokens").cast(pl.Int64)),
+    "avg_tokens": Column(("requests", "tokens"), iround(ratio("tokens", "requests"))),
+    "avg_latency": Column(("requests", "latency_sum"), iround(ratio("latency_sum", "requests"))),
+    "p50_latency": Column(("latency_q",), latency(0)),
+    "p90_latency": Column(("latency_q",), latency(1)),
+    "p99_latency": Column(("latency_q",), latency(2)),
+    "errors": Column(("errors",), col("errors").cast(pl.Int64)),
+    "error_rate": Column(("requests", "errors"), decimals(ratio("errors", "requests", 100), 2)),
+    "cache_hits": Column(("simple_hits", "semantic_hits"), HITS.cast(pl.Int64)),
+    "cache_hit_rate": Column(("requests", "simple_hits", "semantic_hits"), decimals(ratio(HITS, col("requests"), 100), 2)),
+    "users": Column(("users",), col("users").cast(pl.Int64)),
+    "last_seen": Column(("last_seen",), utc_text("last_seen")),
+    "requests_with_feedback": Column((), col("requests_with_feedback").cast(pl.Int64), feedback=True),
+    "avg_weighted_feedback": Column((), decimals(ratio("weighted_sum", "weight_sum"), 2), feedback=True),
+}
+DEFAULT_COLUMNS = ("requests", "cost", "tokens", "avg_latency", "errors", "last_seen")
+
+# The spec's own group shapes: field → expression. The spec types users' and
+# ai-models' requests and cost as strings: they are sorted as numbers, then formatted.
+USERS_FIELDS = {"requests": col("requests").cast(pl.Int64), "cost": col("cost")}
+AS_STRINGS = {"requests": str, "cost": lambda v: f"{v:.4f}"}
+METADATA_FIELDS = {
+    "requests": col("requests").cast(pl.Int64),
+    "cost": iround(col("cost")),
+    "avg_tokens": iround(ratio("tokens", "requests")),
+    "avg_weighted_feedback": iround(ratio("weighted_sum", "weight_sum")),
+    "requests_with_feedback": col("requests_with_feedback").cast(pl.Int64),
+    "last_seen": utc_text("last_seen"),
+}
+
+
+@dataclass(frozen=True)
+class Page:
+    order_by: str
+    descending: bool
+    current_page: int
+    page_size: int
+
+
+def measures_for(columns: list[str]) -> list[str]:
+    return list(dict.fromkeys(m for c in columns for m in COLUMNS[c].measures)) or ["requests"]
+
+
+def merge(generations: pa.Table, feedback: pa.Table | None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(per-group rows, the one-row total) with generation and feedback aggregates side by side."""
+    rows, total = split_total(generations, "key")
+    if feedback is not None:
+        fb = pl.DataFrame(pl.from_arrow(feedback))
+        fb_rows = fb.filter(col("key").is_not_null()).with_columns(col("key").cast(rows.schema["key"]))
+        rows = fill_zeros(rows.join(fb_rows, on="key", how="left"))
+        fb_total = fb.filter(col("key").is_null()).drop("key")
+        total = fill_zeros(pl.concat([total, fb_total], how="horizontal") if fb_total.height else
+                           total.with_columns(*(pl.lit(0).alias(c) for c in fb_total.columns)))
+    return rows, total
+
+
+def respond(rows: pl.DataFrame, key_name: str, fields: dict[str, pl.Expr], page: Page,
+            summary: pl.DataFrame | None = None, formats: dict | None = None) -> dict:
+    shaped = rows.select(col("key").alias(key_name), *(e.alias(n) for n, e in fields.items()))
+    sort_cols = [page.order_by] if page.order_by == key_name else [page.order_by, key_name]
+    shaped = shaped.sort(sort_cols, descending=[page.descending, False][: len(sort_cols)], nulls_last=True)
+    start = page.current_page * page.page_size
+    data = shaped.slice(start, page.page_size).with_columns(pl.lit("analytics-group").alias("object")).to_dicts()
+    for name, fmt in (formats or {}).items():
+        for row in data:
+            row[name] = fmt(row[name])
+    body: dict = {"object": "list", "total": shaped.height, "data": data}
+    if summary is not None:
+        body["summary"] = summary.select(*(e.alias(n) for n, e in fields.items())).to_dicts()[0]
+    return body

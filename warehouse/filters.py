@@ -1,0 +1,112 @@
+"""Spec filters → a parameterized WHERE clause over ``generations``.
+
+The API parses and validates query parameters into :class:`Filters` (typed values
+only); this module turns them into SQL text built solely from fixed fragments, with
+every user value bound as a ``{name:Type}`` parameter. Nothing the user sends is
+ever spliced into SQL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from warehouse.queries.scope import TenantScope
+
+# (filter attribute, column) for the comma-list filters matched with IN.
+LIST_FILTERS: tuple[tuple[str, str], ...] = (
+    ("virtual_keys", "virtual_key"),
+    ("configs", "config"),
+    ("api_key_ids", "api_key_id"),
+    ("prompt_slug", "prompt_slug"),
+    ("trace_id", "trace_id"),
+    ("span_id", "span_id"),
+    ("cache_status", "cache_status"),
+)
+
+# (filter attribute prefix, column, ClickHouse type) for inclusive ranges.
+RANGE_FILTERS: tuple[tuple[str, str, str], ...] = (
+    ("total_units", "total_units", "UInt64"),
+    ("prompt_token", "req_units", "UInt64"),
+    ("completion_token", "res_units", "UInt64"),
+    ("cost", "ifNull(cost, 0)", "Float64"),
+)
+
+# The request's user: metadata `_user` ('' when absent).
+USER_EXPR = "metadata.value[indexOf(metadata.key, '_user')]"
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Validated analytics filters. ``start``/``end`` are timezone-aware."""
+
+    start: datetime
+    end: datetime
+    ranges: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    lists: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    status_codes: tuple[int, ...] = ()
+    ai_org_models: tuple[tuple[str, str], ...] = ()
+    metadata: tuple[tuple[str, str], ...] = ()
+    weighted_feedback: tuple[float | None, float | None] = (None, None)
+
+
+@dataclass(frozen=True)
+class Where:
+    sql: str
+    params: dict[str, object]
+
+
+def compile_where(f: Filters, scope: TenantScope) -> Where:
+    """The WHERE condition (without the keyword) selecting the filtered generations."""
+    sql, base = scope.where()
+    parts = [sql, "created_at >= {t_start:DateTime64(3, 'UTC')}", "created_at <= {t_end:DateTime64(3, 'UTC')}"]
+    params: dict[str, object] = {**base, "t_start": _utc_naive(f.start), "t_end": _utc_naive(f.end)}
+
+    for name, column, ch_type in RANGE_FILTERS:
+        low, high = f.ranges.get(name, (None, None))
+        if low is not None:
+            parts.append(f"{column} >= {{{name}_min:{ch_type}}}")
+            params[f"{name}_min"] = low
+        if high is not None:
+            parts.append(f"{column} <= {{{name}_max:{ch_type}}}")
+            params[f"{name}_max"] = high
+
+    for name, column in LIST_FILTERS:
+        values = f.lists.get(name)
+        if values:
+            parts.append(f"{column} IN {{{name}:Array(String)}}")
+            params[name] = list(values)
+
+    if f.status_codes:
+        parts.append("response_status_code IN {status_codes:Array(UInt16)}")
+        params["status_codes"] = list(f.status_codes)
+
+    if f.ai_org_models:
+        parts.append("(ai_org, ai_model) IN arrayZip({aom_orgs:Array(String)}, {aom_models:Array(String)})")
+        params["aom_orgs"] = [o for o, _ in f.ai_org_models]
+        params["aom_models"] = [m for _, m in f.ai_org_models]
+
+    for i, (key, value) in enumerate(f.metadata):
+        parts.append(f"has(metadata.key, {{mk{i}:String}}) AND metadata.value[indexOf(metadata.key, {{mk{i}:String}})] = {{mv{i}:String}}")
+        params[f"mk{i}"], params[f"mv{i}"] = key, value
+
+    low, high = f.weighted_feedback
+    if low is not None or high is not None:
+        having = ["sum(weight) > 0"]
+        if low is not None:
+            having.append("sum(value * weight) / sum(weight) >= {wf_min:Float64}")
+            params["wf_min"] = low
+        if high is not None:
+            having.append("sum(value * weight) / sum(weight) <= {wf_max:Float64}")
+            params["wf_max"] = high
+        parts.append(
+            "trace_id IN (SELECT trace_id FROM feedback FINAL WHERE organisation_id = {scope_org:String} "
+            f"GROUP BY trace_id HAVING {' AND '.join(having)})"
+        )
+    return Where(" AND ".join(f"({p})" for p in parts), params)
+
+
+def _utc_naive(ts: datetime) -> datetime:
+    from datetime import UTC
+
+    return ts.astimezone(UTC).replace(tzinfo=None)

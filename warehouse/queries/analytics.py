@@ -1,0 +1,183 @@
+"""Analytics aggregates over ``generations`` (and ``feedback``), returned as Arrow.
+
+Every query is assembled from allow-listed fragments: the measures below, the
+group keys below, the bucket expressions of :func:`bucket_sql` and the compiled
+WHERE of :mod:`warehouse.filters`. User values only ever arrive as bound
+parameters.
+
+Results carry one row per bucket (or group) plus, thanks to ``GROUPING SETS``,
+one row for the whole selection with a NULL key: summaries of distinct counts and
+percentiles are the true window values, computed in the same scan.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+from clickhouse_connect.driver.client import Client
+
+from warehouse.filters import USER_EXPR, Where
+
+HITS = "('HIT', 'SEMANTIC HIT')"
+SUCCEEDED = "response_status_code < 400"
+
+# name → aggregate over generations. Ratios are finished in Polars from these.
+MEASURES: dict[str, str] = {
+    "requests": "count()",
+    "cost": "sum(ifNull(cost, 0))",
+    "tokens": "sum(total_units)",
+    "prompt_tokens": "sum(req_units)",
+    "completion_tokens": "sum(res_units)",
+    "latency_sum": "sum(response_time)",
+    "latency_q": "quantilesExact(0.5, 0.9, 0.99)(response_time)",
+    "users": f"uniqExactIf({USER_EXPR}, {USER_EXPR} != '')",
+    "user_requests": f"countIf({USER_EXPR} != '')",
+    "errors": "countIf(response_status_code >= 400)",
+    "error_codes": "sumMapIf([response_status_code], [toUInt64(1)], response_status_code >= 400)",
+    "simple_hits": "countIf(cache_status = 'HIT')",
+    "semantic_hits": "countIf(cache_status = 'SEMANTIC HIT')",
+    "simple_savings": "sumIf(ifNull(cost, 0), cache_status = 'HIT')",
+    "semantic_savings": "sumIf(ifNull(cost, 0), cache_status = 'SEMANTIC HIT')",
+    "hit_latency_sum": f"sumIf(response_time, ifNull(cache_status, '') IN {HITS})",
+    "miss_latency_sum": f"sumIf(response_time, ifNull(cache_status, '') NOT IN {HITS})",
+    "retry_rescued": f"countIf(retry_success_count > 0 AND {SUCCEEDED})",
+    "retry_attempts": f"sumMapIf([retry_success_count], [toUInt64(1)], retry_success_count > 0 AND {SUCCEEDED})",
+    "fallback_rescued": f"countIf(mode = 'fallback' AND last_used_option_index > 0 AND {SUCCEEDED})",
+    "last_seen": "max(created_at)",
+}
+
+# group_by name → key expression over generations.
+GROUP_KEYS: dict[str, str] = {
+    "ai_service": "ai_org",
+    "model": "ai_model",
+    "status_code": "response_status_code",
+    "api_key": "api_key_id",
+    "config": "config",
+    "workspace": "workspace_slug",
+    "provider": "virtual_key",
+    "prompt": "prompt_slug",
+    "user": USER_EXPR,
+    "metadata": "metadata.value[indexOf(metadata.key, {group_metadata_key:String})]",
+}
+
+GRANULARITIES = ("minute", "hour", "day", "week", "month")
+
+FINAL_SETTINGS = {
+    # Duplicates share the whole sorting key, so they always sit in one partition.
+    "do_not_merge_across_partitions_select_final": 1,
+    "group_by_use_nulls": 1,
+}
+
+
+def bucket_sql(column: str, granularity: str) -> str:
+    """Bucket start, as epoch seconds of the wall clock at ``{tz_offset:Int32}``."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}")
+    local = f"({column} + toIntervalSecond({{tz_offset:Int32}}))"
+    start = {
+        "minute": f"toStartOfMinute({local})",
+        "hour": f"toStartOfHour({local})",
+        "day": f"toStartOfDay({local})",
+        "week": f"toDateTime(toMonday({local}), 'UTC')",
+        "month": f"toDateTime(toStartOfMonth({local}), 'UTC')",
+    }[granularity]
+    return f"toInt64(toUnixTimestamp({start}))"
+
+
+def _select(measures: list[str]) -> str:
+    return ", ".join(f"{MEASURES[m]} AS {m}" for m in measures)
+
+
+def series(client: Client, where: Where, measures: list[str], granularity: str, tz_offset: int) -> pa.Table:
+    """One row per non-empty bucket (``bucket`` = local epoch seconds) plus the total row (bucket NULL)."""
+    sql = (
+        f"SELECT {bucket_sql('created_at', granularity)} AS bucket, {_select(measures)} "
+        f"FROM generations FINAL WHERE {where.sql} "
+        "GROUP BY GROUPING SETS ((bucket), ())"
+    )
+    return client.query_arrow(sql, parameters={**where.params, "tz_offset": tz_offset}, settings=FINAL_SETTINGS)
+
+
+def totals(client: Client, where: Where, measures: list[str]) -> pa.Table:
+    """One row: the measures over the whole selection."""
+    sql = f"SELECT {_select(measures)} FROM generations FINAL WHERE {where.sql}"
+    return client.query_arrow(sql, parameters=where.params, settings=FINAL_SETTINGS)
+
+
+def grouped(client: Client, where: Where, group: str, measures: list[str], metadata_key: str | None = None) -> pa.Table:
+    """One row per group (``key``) plus the total row (key NULL). Empty keys are dropped
+    for users and metadata groups (requests without the user / the key)."""
+    key = GROUP_KEYS[group]
+    params = dict(where.params)
+    condition = where.sql
+    if group == "user":
+        condition += f" AND {USER_EXPR} != ''"
+    if group == "metadata":
+        condition += " AND has(metadata.key, {group_metadata_key:String})"
+        params["group_metadata_key"] = metadata_key
+    sql = (
+        f"SELECT {key} AS key, {_select(measures)} FROM generations FINAL WHERE {condition} "
+        "GROUP BY GROUPING SETS ((key), ())"
+    )
+    return client.query_arrow(sql, parameters=params, settings=FINAL_SETTINGS)
+
+
+def _traces(where: Where, extra_key: str | None = None) -> str:
+    """The traces of the selected generations, each with its first request's time and model.
+
+    With ``extra_key``, one row per (trace, key) plus one row per trace with a NULL
+    key, so that an outer ``GROUP BY key`` also yields the whole selection's row in
+    which each trace counts once.
+    """
+    key = f", {extra_key} AS key" if extra_key else ""
+    group = "GROUPING SETS ((trace_id, key), (trace_id))" if extra_key else "trace_id"
+    return (
+        f"SELECT trace_id{key}, min(created_at) AS first_at, argMin(ai_model, (created_at, id)) AS model, count() AS requests "
+        f"FROM generations FINAL WHERE {where.sql} AND trace_id != '' GROUP BY {group}"
+    )
+
+
+FEEDBACK = (
+    "SELECT trace_id, value, weight FROM feedback FINAL WHERE organisation_id = {scope_org:String}"
+)
+FEEDBACK_MEASURES = "count() AS feedbacks, sum(value * weight) AS weighted_sum, sum(weight) AS weight_sum"
+
+
+def feedback_series(client: Client, where: Where, granularity: str, tz_offset: int) -> pa.Table:
+    """Feedback per bucket of its trace's first request, plus the total row."""
+    sql = (
+        f"SELECT {bucket_sql('t.first_at', granularity)} AS bucket, {FEEDBACK_MEASURES} "
+        f"FROM ({FEEDBACK}) AS f INNER JOIN ({_traces(where)}) AS t ON f.trace_id = t.trace_id "
+        "GROUP BY GROUPING SETS ((bucket), ())"
+    )
+    return client.query_arrow(sql, parameters={**where.params, "tz_offset": tz_offset}, settings=FINAL_SETTINGS)
+
+
+def feedback_by(client: Client, where: Where, by: str) -> pa.Table:
+    """Feedback counted per ``score`` (its value) or per ``model`` (of the trace's first request)."""
+    key = {"score": "f.value", "model": "t.model"}[by]
+    sql = (
+        f"SELECT {key} AS key, {FEEDBACK_MEASURES} "
+        f"FROM ({FEEDBACK}) AS f INNER JOIN ({_traces(where)}) AS t ON f.trace_id = t.trace_id "
+        "GROUP BY GROUPING SETS ((key), ())"
+    )
+    return client.query_arrow(sql, parameters=where.params, settings=FINAL_SETTINGS)
+
+
+def feedback_grouped(client: Client, where: Where, group: str, metadata_key: str | None = None) -> pa.Table:
+    """Per group (and for the whole selection, key NULL): the requests whose trace has
+    feedback, and the feedback of the group's distinct traces."""
+    params = dict(where.params)
+    condition = where.sql
+    if group == "user":
+        condition += f" AND {USER_EXPR} != ''"
+    if group == "metadata":
+        condition += " AND has(metadata.key, {group_metadata_key:String})"
+        params["group_metadata_key"] = metadata_key
+    per_trace = f"SELECT trace_id, {FEEDBACK_MEASURES} FROM ({FEEDBACK}) GROUP BY trace_id"
+    sql = (
+        "SELECT t.key AS key, sum(t.requests) AS requests_with_feedback, sum(p.feedbacks) AS feedbacks, "
+        "sum(p.weighted_sum) AS weighted_sum, sum(p.weight_sum) AS weight_sum "
+        f"FROM ({_traces(Where(condition, params), GROUP_KEYS[group])}) AS t "
+        f"INNER JOIN ({per_trace}) AS p ON t.trace_id = p.trace_id GROUP BY key"
+    )
+    return client.query_arrow(sql, parameters=params, settings=FINAL_SETTINGS)

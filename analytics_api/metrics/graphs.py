@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import polars as pl
 import pyarrow as pa
 
-from analytics_api.metrics.shape import fill_zeros, iround, map_entries, ratio, split_total
+from analytics_api.metrics.shape import fill_zeros, iround, map_entries, ratio, round_half_away, split_total
 from analytics_api.params import Buckets
 
 col = pl.col
@@ -150,15 +150,12 @@ def feedback_models_response(table: pa.Table) -> dict:
 
 
 def cache_summary_response(table: pa.Table) -> dict:
-    total = pl.DataFrame(pl.from_arrow(table))
-    misses = col("requests") - HITS
-    summary = total.select(
-        HITS.alias("hits"),
-        iround(ratio(col("hit_latency_sum"), HITS)).alias("avg_latency"),
-        col("requests").alias("total_requests"),
-        pl.when((HITS > 0) & (misses > 0) & (col("miss_latency_sum") > 0))
-        .then(iround(100 * (ratio(col("miss_latency_sum"), misses) - ratio(col("hit_latency_sum"), HITS)) / ratio(col("miss_latency_sum"), misses)))
-        .otherwise(0)
-        .alias("cache_speedup"),
-    )
-    return {"object": "analytics-summary", "summary": summary.to_dicts()[0]}
+    t = pl.DataFrame(pl.from_arrow(table)).row(0, named=True)
+    hits = t["simple_hits"] + t["semantic_hits"]
+    misses = t["requests"] - hits
+    hit_latency = t["hit_latency_sum"] / hits if hits else 0.0
+    miss_latency = t["miss_latency_sum"] / misses if misses else 0.0
+    speedup = 100 * (miss_latency - hit_latency) / miss_latency if hits and miss_latency else 0.0
+    summary = {"hits": hits, "avg_latency": round_half_away(hit_latency), "total_requests": t["requests"],
+               "cache_speedup": round_half_away(speedup)}
+    return {"object": "analytics-summary", "summary": summary}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pyarrow as pa
 import polars as pl
 import polars.selectors as cs
@@ -10,6 +12,11 @@ import polars.selectors as cs
 def iround(expr: pl.Expr) -> pl.Expr:
     """Nearest integer, halves away from zero (docs/analytics.md)."""
     return ((expr.abs() + 0.5).floor() * expr.sign()).cast(pl.Int64)
+
+
+def round_half_away(value: float) -> int:
+    """:func:`iround` for one Python number."""
+    return int(math.copysign(math.floor(abs(value) + 0.5), value))
 
 
 def ratio(num: pl.Expr | str, den: pl.Expr | str, scale: float = 1.0) -> pl.Expr:

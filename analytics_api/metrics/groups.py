@@ -4,6 +4,7 @@ feedback aggregates per group, then sorting and paging."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
 
 import polars as pl
 import pyarrow as pa
@@ -17,11 +18,14 @@ HITS = col("simple_hits") + col("semantic_hits")
 def decimals(expr: pl.Expr, places: int) -> pl.Expr:
     """Rounded to ``places`` decimals, halves away from zero (as :func:`iround`)."""
     scale = 10**places
-    return iround(expr * scale).cast(pl.Float64) / scale
+    # The final round() removes the noise of Polars dividing by multiplying with 1/scale.
+    return (iround(expr * scale).cast(pl.Float64) / scale).round(places)
 
 
 def utc_text(name: str) -> pl.Expr:
-    return col(name).dt.convert_time_zone("UTC").dt.strftime("%Y-%m-%dT%H:%M:%S%.3fZ")
+    """UTC text with milliseconds; null when nothing was seen (max() of no rows is the epoch)."""
+    ts = col(name).dt.convert_time_zone("UTC")
+    return pl.when(ts.dt.epoch("ms") > 0).then(ts.dt.strftime("%Y-%m-%dT%H:%M:%S%.3fZ")).otherwise(None)
 
 
 def latency(i: int) -> pl.Expr:
@@ -61,7 +65,7 @@ DEFAULT_COLUMNS = ("requests", "cost", "tokens", "avg_latency", "errors", "last_
 # The spec's own group shapes: field → expression. The spec types users' and
 # ai-models' requests and cost as strings: they are sorted as numbers, then formatted.
 USERS_FIELDS = {"requests": col("requests").cast(pl.Int64), "cost": col("cost")}
-AS_STRINGS = {"requests": str, "cost": lambda v: f"{v:.4f}"}
+AS_STRINGS = {"requests": str, "cost": lambda v: str(Decimal(repr(v)).quantize(Decimal("0.0001"), ROUND_HALF_UP))}
 METADATA_FIELDS = {
     "requests": col("requests").cast(pl.Int64),
     "cost": iround(col("cost")),

@@ -65,6 +65,8 @@ FINAL_SETTINGS = {
     # Duplicates share the whole sorting key, so they always sit in one partition.
     "do_not_merge_across_partitions_select_final": 1,
     "group_by_use_nulls": 1,
+    # A measure named like a column (`cost`) must not capture that column in WHERE.
+    "prefer_column_name_to_alias": 1,
 }
 
 

@@ -526,6 +526,7 @@ class Reference:
             sel.explode("meta_kv")
             .filter(pl.col("meta_kv").str.starts_with(prefix))
             .with_columns(value=pl.col("meta_kv").str.slice(len(prefix)))
+            .filter(pl.col("value") != "")  # an empty value counts as absent
         )
         fb = self._trace_feedback_sums(carrying, "value")
         groups = carrying.group_by("value").agg(

@@ -323,7 +323,7 @@ ENDPOINTS = [Endpoint(r) for r in (
     "graphs/errors", "graphs/errors/rate", "graphs/errors/stacks", "graphs/errors/status-codes",
     "graphs/requests/rescued", "graphs/cache/hit-rate", "graphs/cache/latency", "graphs/feedbacks",
     "graphs/feedbacks/scores", "graphs/feedbacks/weighted", "graphs/feedbacks/ai-models", "summary/cache",
-    "groups/users", "groups/ai-models", "groups/metadata/team", "groups/metadata/tier", "groups/workspaces",
+    "groups/users", "groups/ai-models", "groups/metadata/team", "groups/metadata/_user", "groups/metadata/tier", "groups/workspaces",
     "groups/ai_service", "groups/workspace",
 )] + [
     Endpoint("groups/users", {"page_size": "5", "current_page": "1"}, "page-1-of-5"),

@@ -32,8 +32,8 @@ RANGE_FILTERS: tuple[tuple[str, str, str], ...] = (
     ("cost", "ifNull(cost, 0)", "Float64"),
 )
 
-# The request's user: metadata `_user` ('' when absent).
-USER_EXPR = "metadata.value[indexOf(metadata.key, '_user')]"
+# The request's user: metadata `_user` ('' when absent), materialized (0004).
+USER_EXPR = "metadata_user"
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,13 @@ def compile_where(f: Filters, scope: TenantScope) -> Where:
         params["aom_models"] = [m for _, m in f.ai_org_models]
 
     for i, (key, value) in enumerate(f.metadata):
-        parts.append(f"has(metadata.key, {{mk{i}:String}}) AND metadata.value[indexOf(metadata.key, {{mk{i}:String}})] = {{mv{i}:String}}")
         params[f"mk{i}"], params[f"mv{i}"] = key, value
+        if key == "_user" and value:
+            parts.append(f"{USER_EXPR} = {{mv{i}:String}}")
+        elif value:  # a missing key reads as '' (indexOf → 0), which cannot equal a non-empty value
+            parts.append(f"metadata.value[indexOf(metadata.key, {{mk{i}:String}})] = {{mv{i}:String}}")
+        else:
+            parts.append(f"has(metadata.key, {{mk{i}:String}}) AND metadata.value[indexOf(metadata.key, {{mk{i}:String}})] = ''")
 
     low, high = f.weighted_feedback
     if low is not None or high is not None:

@@ -67,6 +67,10 @@ FINAL_SETTINGS = {
     "group_by_use_nulls": 1,
     # A measure named like a column (`cost`) must not capture that column in WHERE.
     "prefer_column_name_to_alias": 1,
+    # Filter before FINAL merges rows: exact here, because the rows that share an id
+    # in `generations` are identical (redeliveries), and `feedback` is only filtered
+    # by its sorting key (organisation_id).
+    "optimize_move_to_prewhere_if_final": 1,
 }
 
 
@@ -83,6 +87,17 @@ def bucket_sql(column: str, granularity: str) -> str:
         "month": f"toDateTime(toStartOfMonth({local}), 'UTC')",
     }[granularity]
     return f"toInt64(toUnixTimestamp({start}))"
+
+
+def _group_condition(group: str, condition: str, params: dict, metadata_key: str | None) -> tuple[str, str]:
+    """Users and metadata groups only hold requests with a non-empty value."""
+    if group == "metadata" and metadata_key == "_user":
+        group = "user"
+    if group == "metadata":
+        params["group_metadata_key"] = metadata_key
+    if group in ("user", "metadata"):
+        condition += f" AND {GROUP_KEYS[group]} != ''"
+    return group, condition
 
 
 def _select(measures: list[str]) -> str:
@@ -106,21 +121,20 @@ def totals(client: Client, where: Where, measures: list[str]) -> pa.Table:
 
 
 def grouped(client: Client, where: Where, group: str, measures: list[str], metadata_key: str | None = None) -> pa.Table:
-    """One row per group (``key``) plus the total row (key NULL). Empty keys are dropped
-    for users and metadata groups (requests without the user / the key)."""
-    key = GROUP_KEYS[group]
+    """One row per group (``key``) plus the total row (key NULL). Users and metadata
+    groups drop requests without a (non-empty) value."""
     params = dict(where.params)
-    condition = where.sql
-    if group == "user":
-        condition += f" AND {USER_EXPR} != ''"
-    if group == "metadata":
-        condition += " AND has(metadata.key, {group_metadata_key:String})"
-        params["group_metadata_key"] = metadata_key
+    group, condition = _group_condition(group, where.sql, params, metadata_key)
     sql = (
-        f"SELECT {key} AS key, {_select(measures)} FROM generations FINAL WHERE {condition} "
+        f"SELECT {GROUP_KEYS[group]} AS key, {_select(measures)} FROM generations FINAL WHERE {condition} "
         "GROUP BY GROUPING SETS ((key), ())"
     )
     return client.query_arrow(sql, parameters=params, settings=FINAL_SETTINGS)
+
+
+# Only traces that have feedback can join it: a cheap set lookup spares grouping
+# every trace of the window. (Any version of a feedback id has its trace id, so no FINAL.)
+TRACES_WITH_FEEDBACK = "SELECT trace_id FROM feedback WHERE organisation_id = {scope_org:String} AND trace_id != ''"
 
 
 def _traces(where: Where, extra_key: str | None = None) -> str:
@@ -134,7 +148,7 @@ def _traces(where: Where, extra_key: str | None = None) -> str:
     group = "GROUPING SETS ((trace_id, key), (trace_id))" if extra_key else "trace_id"
     return (
         f"SELECT trace_id{key}, min(created_at) AS first_at, argMin(ai_model, (created_at, id)) AS model, count() AS requests "
-        f"FROM generations FINAL WHERE {where.sql} AND trace_id != '' GROUP BY {group}"
+        f"FROM generations FINAL WHERE {where.sql} AND trace_id IN ({TRACES_WITH_FEEDBACK}) GROUP BY {group}"
     )
 
 
@@ -170,11 +184,7 @@ def feedback_grouped(client: Client, where: Where, group: str, metadata_key: str
     feedback, and the feedback of the group's distinct traces."""
     params = dict(where.params)
     condition = where.sql
-    if group == "user":
-        condition += f" AND {USER_EXPR} != ''"
-    if group == "metadata":
-        condition += " AND has(metadata.key, {group_metadata_key:String})"
-        params["group_metadata_key"] = metadata_key
+    group, condition = _group_condition(group, condition, params, metadata_key)
     per_trace = f"SELECT trace_id, {FEEDBACK_MEASURES} FROM ({FEEDBACK}) GROUP BY trace_id"
     sql = (
         "SELECT t.key AS key, sum(t.requests) AS requests_with_feedback, sum(p.feedbacks) AS feedbacks, "

@@ -82,6 +82,10 @@ def compile_where(f: Filters, scope: TenantScope) -> Where:
         params["status_codes"] = list(f.status_codes)
 
     if f.ai_org_models:
+        # The single-column INs are cheap PREWHERE steps that discard most rows before
+        # the (slower) tuple test pairs provider and model exactly.
+        parts.append("ai_model IN {aom_models:Array(String)}")
+        parts.append("ai_org IN {aom_orgs:Array(String)}")
         parts.append("(ai_org, ai_model) IN arrayZip({aom_orgs:Array(String)}, {aom_models:Array(String)})")
         params["aom_orgs"] = [o for o, _ in f.ai_org_models]
         params["aom_models"] = [m for _, m in f.ai_org_models]

@@ -1,0 +1,55 @@
+"""The API's write path: events go to Kafka, acknowledged by every in-sync replica
+(acks=all) before the API answers. Ingest workers write them to ClickHouse.
+
+``publish`` either returns after every event of the call was acknowledged, or
+raises a 503: the caller answers with an error and the client retries. A retry may
+re-send events that did reach Kafka; that is harmless because every event carries
+its own id and the event tables collapse duplicates (docs/ingest.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from fastapi import HTTPException
+from kafka.errors import KafkaError
+
+from ingest.producer import make_producer
+
+log = logging.getLogger(__name__)
+
+
+class Publisher:
+    """One lazily created producer per API process, shared by request threads."""
+
+    def __init__(self, bootstrap: str | None, timeout: float = 10.0):
+        self.bootstrap = bootstrap
+        self.timeout = timeout
+        self._producer = None
+        self._lock = threading.Lock()
+
+    def _get(self):
+        if self._producer is None:
+            with self._lock:
+                if self._producer is None:
+                    if not self.bootstrap:
+                        raise KafkaError("no Kafka bootstrap configured")
+                    self._producer = make_producer(self.bootstrap, max_block_ms=int(self.timeout * 1000))
+        return self._producer
+
+    def publish(self, topic: str, values: list[bytes], keys: list[bytes | None] | None = None) -> None:
+        """Send ``values`` and wait for all acks; HTTP 503 when Kafka cannot take them."""
+        try:
+            producer = self._get()
+            futures = [producer.send(topic, value=v, key=None if keys is None else keys[i]) for i, v in enumerate(values)]
+            producer.flush(timeout=self.timeout)
+            for f in futures:
+                f.get(timeout=self.timeout)
+        except (KafkaError, TimeoutError) as exc:
+            log.warning("publishing to %s failed: %s", topic, exc)
+            raise HTTPException(503, f"the event log (Kafka) is unavailable, nothing was accepted; retry later ({type(exc).__name__})") from exc
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close(timeout=5)

@@ -6,7 +6,7 @@ from fastapi import FastAPI
 
 from analytics_api.auth import KeyVerifier
 from analytics_api.publish import Publisher
-from analytics_api.routers import analytics, health, logs
+from analytics_api.routers import analytics, api_keys, feedback, health, logs
 from tollgate.settings import Settings
 from warehouse.client import ClientPool
 
@@ -25,7 +25,7 @@ def create_app(settings: Settings, bootstrap: str | None = None, pool_size: int 
     app.state.warehouse = ClientPool(settings.warehouse_dsn, size=pool_size)
     app.state.keys = KeyVerifier(app.state.warehouse, settings.auth_cache_seconds)
     app.state.publisher = Publisher(app.state.bootstrap)
-    app.add_event_handler("shutdown", app.state.publisher.close)
-    for router in (health.router, logs.router, analytics.router):
+    app.router.add_event_handler("shutdown", app.state.publisher.close)  # FastAPI keeps it on the router (Starlette 1 dropped it)
+    for router in (health.router, logs.router, analytics.router, feedback.router, api_keys.router):
         app.include_router(router, prefix="/v1")
     return app

@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8787
     auth_cache_seconds: float = Field(2.0, ge=0, description="How long a verified key is trusted before re-checking.")
+    feedback_max_items: int = Field(1_000, ge=1, description="Most feedback items one POST /v1/feedback takes; more is a 413.")
 
     @cached_property
     def warehouse_dsn(self) -> str:

@@ -12,7 +12,7 @@ A codec turns a list of valid events into one Arrow table for one insert.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Callable, Iterator
+from typing import Annotated, Any, Callable, Iterator, Literal
 
 import msgspec
 import orjson
@@ -363,6 +363,81 @@ FEEDBACK_COLUMNS = [
 ]
 
 
+# --------------------------------------------------------------------------- audit records
+
+_PHASE_VERSION = {"pending": 1, "final": 2}
+
+
+class AuditEvent(msgspec.Struct):
+    """One audit record (analytics_api/audit.py produces them; docs/events.md).
+
+    Secrets are masked by the producer; ingest stores what it gets.
+    """
+
+    request_id: Id
+    phase: Literal["pending", "final"]
+    timestamp: datetime
+    method: Literal["POST", "PUT", "PATCH", "DELETE"]
+    uri: Annotated[str, msgspec.Meta(min_length=1, max_length=8192)]
+    organisation_id: Short = ""  # empty: the request had no valid key
+    workspace_id: Short = ""
+    query_params: msgspec.Raw = _RAW_EMPTY  # object
+    request_headers: msgspec.Raw = _RAW_EMPTY  # object
+    request_body: msgspec.Raw = _RAW_EMPTY  # any JSON
+    user_id: Short = ""
+    user_type: Literal["", "api_key", "user"] = ""
+    response_status_code: Annotated[int, msgspec.Meta(ge=0, le=599)] = 0
+    resource_type: Short = ""
+    action: Short = ""
+    client_ip: Short = ""
+    country: Short = ""
+
+
+_audit_decoder = msgspec.json.Decoder(AuditEvent)
+
+
+def decode_audit(value: bytes) -> tuple:
+    _require_utf8(value)
+    try:
+        ev = _audit_decoder.decode(value)
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent(f"invalid audit record: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidEvent(f"invalid JSON: {exc}") from None
+    if ev.phase == "pending" and ev.response_status_code != 0:
+        raise InvalidEvent("a `pending` audit record has `response_status_code` 0 (its outcome is not known yet)")
+    if ev.phase == "final" and ev.response_status_code < 100:
+        raise InvalidEvent("a `final` audit record needs `response_status_code` 100..599")
+    _check_object(ev.query_params, "query_params")
+    _check_object(ev.request_headers, "request_headers")
+    return (
+        ev.request_id,
+        _PHASE_VERSION[ev.phase],
+        _epoch_seconds(_utc(ev.timestamp, "timestamp")),
+        ev.organisation_id,
+        ev.workspace_id,
+        ev.method,
+        ev.uri,
+        _text(ev.query_params),
+        _text(ev.request_headers),
+        _text(ev.request_body),
+        ev.user_id,
+        ev.user_type,
+        ev.response_status_code,
+        ev.resource_type,
+        ev.action,
+        ev.client_ip,
+        ev.country,
+    )
+
+
+AUDIT_COLUMNS = [
+    "request_id", "version", "timestamp", "organisation_id", "workspace_id", "method", "uri", "query_params",
+    "request_headers", "request_body", "user_id", "user_type", "response_status_code", "resource_type", "action",
+    "client_ip", "country",
+]
+
+
 # --------------------------------------------------------------------------- codecs
 
 _row_encoder = msgspec.json.Encoder()
@@ -398,3 +473,4 @@ class Codec:
 
 GENERATIONS = Codec("generations", GENERATION_COLUMNS, decode_gateway_log)
 FEEDBACK = Codec("feedback", FEEDBACK_COLUMNS, decode_feedback)
+AUDIT = Codec("audit_logs", AUDIT_COLUMNS, decode_audit)

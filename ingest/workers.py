@@ -14,7 +14,7 @@ from typing import Callable
 
 from ingest.consumer import IngestConsumer
 from ingest.dead_letter import DeadLetterQueue
-from ingest.events import FEEDBACK, GENERATIONS, Codec
+from ingest.events import AUDIT, FEEDBACK, GENERATIONS, Codec
 from ingest.producer import make_producer
 from tollgate.settings import Settings
 from ingest.sink import DirectSink, Sink
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def codecs_by_topic(settings: Settings) -> dict[str, Codec]:
-    return {settings.topic_gateway_logs: GENERATIONS, settings.topic_feedback: FEEDBACK}
+    return {settings.topic_gateway_logs: GENERATIONS, settings.topic_feedback: FEEDBACK, settings.topic_audit: AUDIT}
 
 
 class _Supervised:

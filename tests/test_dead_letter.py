@@ -469,12 +469,12 @@ class Ingest:
 
 @pytest.fixture
 def small_event_ingest(settings, broker, warehouse):
-    """The ingest workers (both topics, as in production) with a 64 KiB event limit."""
+    """The ingest workers (every topic, as in production) with a 64 KiB event limit; the corpus uses two topics."""
     s = settings.model_copy(update={"ingest_max_event_bytes": MAX_EVENT_BYTES})
     pool = IngestWorkers(s, broker.bootstrap)
     pool.start()
-    assert wait_until(lambda: len(pool.consumers) == 2)
-    groups = {c.topic: c.consumer.config["group_id"] for c in pool.consumers}
+    assert wait_until(lambda: len(pool.consumers) == len(s.event_topics))
+    groups = {c.topic: c.consumer.config["group_id"] for c in pool.consumers if c.topic != s.topic_audit}
     assert set(groups) == {s.topic_gateway_logs, s.topic_feedback}
     yield Ingest(s, groups)
     pool.stop()

@@ -29,7 +29,7 @@ def cmd_migrate(args) -> int:
     from warehouse.migrate import migrate
 
     s = _settings(args)
-    applied = migrate(connect(s.warehouse_dsn), s.retention_days)
+    applied = migrate(connect(s.warehouse_dsn), s.retention_days, audit_retention_days=s.audit_retention_days)
     print(f"{len(applied)} migration(s) applied" + (": " + ", ".join(applied) if applied else ""))
     return 0
 

@@ -6,11 +6,13 @@ a public setting; compose.yaml may only set variables that exist here.
 
 from __future__ import annotations
 
+import ipaddress
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -40,6 +42,23 @@ class Settings(BaseSettings):
 
     # -- warehouse -----------------------------------------------------------
     retention_days: int = Field(365, ge=0, description="TTL of generations in days; 0 keeps rows forever.")
+    audit_retention_days: int = Field(365, ge=0, description="TTL of audit_logs in days; 0 keeps rows forever.")
+
+    # -- audit trail -------------------------------------------------------------
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="CIDRs of reverse proxies whose X-Forwarded-For is believed (comma-separated in the environment).",
+    )
+    geoip_db: Path | None = Field(None, description="MaxMind GeoLite2/GeoIP2 Country or City .mmdb file; unset = no country.")
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _cidrs(cls, value):
+        items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+        items = [v for v in items if v]
+        for cidr in items:
+            ipaddress.ip_network(cidr, strict=False)  # ValueError names the bad entry
+        return items
 
     # -- tenancy defaults -------------------------------------------------------
     default_organisation: str = Field("default-org", description="Organisation of the admin key `tollgate up` creates; seed default.")

@@ -2,9 +2,10 @@
 
 Each applied file is recorded in ``schema_migrations`` with its SHA-256. Running
 twice is a no-op; an applied file whose text changed stops the run (write a new
-migration instead of editing an old one). After the files, the retention TTL of
-``generations`` is set from ``TOLLGATE_RETENTION_DAYS`` (a setting, not a file,
-so changing it needs no new migration).
+migration instead of editing an old one). After the files, the retention TTLs are
+set from settings (not files, so changing one needs no new migration): of
+``generations`` from ``TOLLGATE_RETENTION_DAYS`` and of ``audit_logs`` from
+``TOLLGATE_AUDIT_RETENTION_DAYS``.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def applied(client: Client) -> dict[int, tuple[str, str]]:
     return {int(v): (n, c) for v, n, c in rows}
 
 
-def migrate(client: Client, retention_days: int | None = None, directory: Path = MIGRATIONS_DIR) -> list[str]:
+def migrate(client: Client, retention_days: int | None = None, directory: Path = MIGRATIONS_DIR,
+            audit_retention_days: int | None = None) -> list[str]:
     """Apply pending migrations; return the names applied now."""
     client.command(LEDGER_DDL)
     done = applied(client)
@@ -95,21 +97,31 @@ def migrate(client: Client, retention_days: int | None = None, directory: Path =
         newly.append(m.path.name)
     if retention_days is not None:
         apply_retention(client, retention_days)
+    if audit_retention_days is not None:
+        apply_retention(client, audit_retention_days, table="audit_logs")
     return newly
 
 
-def apply_retention(client: Client, days: int) -> None:
-    """Set (or remove, for 0) the row TTL of ``generations`` without rewriting parts."""
-    ddl = client.command("SELECT create_table_query FROM system.tables WHERE database = currentDatabase() AND name = 'generations'")
+# table → its time column; the only tables a retention TTL is set on
+RETENTION_COLUMNS = {"generations": "created_at", "audit_logs": "timestamp"}
+
+
+def apply_retention(client: Client, days: int, table: str = "generations") -> None:
+    """Set (or remove, for 0) the row TTL of ``table`` without rewriting parts."""
+    column = RETENTION_COLUMNS[table]
+    ddl = client.command(
+        "SELECT create_table_query FROM system.tables WHERE database = currentDatabase() AND name = {t:String}",
+        parameters={"t": table},
+    )
     wanted = f"toIntervalDay({int(days)})"
     has_ttl = " TTL " in str(ddl)
     if days == 0:
         if has_ttl:
-            client.command("ALTER TABLE generations REMOVE TTL")
+            client.command(f"ALTER TABLE {table} REMOVE TTL")
         return
     if has_ttl and wanted in str(ddl):
         return
     client.command(
-        f"ALTER TABLE generations MODIFY TTL toDateTime(created_at) + toIntervalDay({int(days)})",
+        f"ALTER TABLE {table} MODIFY TTL toDateTime({column}) + toIntervalDay({int(days)})",
         settings={"materialize_ttl_after_modify": 0},
     )

@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from analytics_api import audit
 from analytics_api.auth import KeyVerifier
 from analytics_api.publish import Publisher
-from analytics_api.routers import analytics, api_keys, feedback, health, logs
+from analytics_api.routers import analytics, api_keys, custom_logs, feedback, health, logs
 from analytics_api.routers import audit_logs
 from tollgate.settings import Settings
 from warehouse.client import ClientPool
@@ -28,7 +28,7 @@ def create_app(settings: Settings, bootstrap: str | None = None, pool_size: int 
     app.state.keys = KeyVerifier(app.state.warehouse, settings.auth_cache_seconds)
     app.state.publisher = Publisher(app.state.bootstrap)
     app.router.add_event_handler("shutdown", app.state.publisher.close)  # FastAPI keeps it on the router (Starlette 1 dropped it)
-    for router in (health.router, logs.router, analytics.router, feedback.router, api_keys.router):
+    for router in (health.router, logs.router, custom_logs.router, analytics.router, feedback.router, api_keys.router):
         app.include_router(router, prefix="/v1")
     app.include_router(audit_logs.router, prefix="/v1")
     audit.install(app, settings)  # every mutating request leaves an audit record (analytics_api/audit.py)

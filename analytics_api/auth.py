@@ -75,6 +75,15 @@ class KeyVerifier:
         self._cache: dict[str, tuple[float, Principal | None]] = {}
         self._lock = threading.Lock()
 
+    def peek(self, key: str) -> Principal | None:
+        """The principal of a verified key still in the cache, without touching the warehouse; None otherwise
+        (not cached, expired, or an invalid key). Lets async routes skip a worker-thread hop."""
+        with self._lock:
+            hit = self._cache.get(hash_key(key))
+        if hit and time.monotonic() - hit[0] < self.cache_seconds:
+            return hit[1]
+        return None
+
     def verify(self, key: str) -> Principal | None:
         digest = hash_key(key)
         now = time.monotonic()

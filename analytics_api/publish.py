@@ -35,7 +35,8 @@ class Publisher:
                 if self._producer is None:
                     if not self.bootstrap:
                         raise KafkaError("no Kafka bootstrap configured")
-                    self._producer = make_producer(self.bootstrap, max_block_ms=int(self.timeout * 1000))
+                    ms = int(self.timeout * 1000)  # bootstrap too: kafka-python's own default is 30 s
+                    self._producer = make_producer(self.bootstrap, max_block_ms=ms, bootstrap_timeout_ms=ms)
         return self._producer
 
     def publish(self, topic: str, values: list[bytes], keys: list[bytes | None] | None = None) -> None:

@@ -94,6 +94,7 @@ class AnalyticsMetrics(msgspec.Struct, forbid_unknown_fields=False):
     response_parsing_time: NonNeg | None = None
     gateway_processing_time: NonNeg | None = None
     upstream_response_time: NonNeg | None = None
+    pricing_status: Short | None = None  # Tollgate's: how a custom log's cost came about (not in the spec)
 
 
 _RAW_EMPTY = msgspec.Raw(b"")
@@ -288,6 +289,7 @@ def decode_gateway_log(value: bytes) -> tuple:
         _text(ev.response.body),
         ev.response.lastUsedOptionJsonPath,
         debug,
+        m.pricing_status or "",
     )
 
 
@@ -301,7 +303,7 @@ GENERATION_COLUMNS = [
     "metadata.value", "api_key_id", "request_parsing_time", "pre_processing_time", "cache_processing_time",
     "response_parsing_time", "gateway_processing_time", "upstream_response_time", "request_headers", "request_body",
     "request_portkey_headers", "response_headers", "response_body", "response_last_used_option_json_path",
-    "debug_payloads",
+    "debug_payloads", "pricing_status",
 ]
 
 

@@ -346,9 +346,9 @@ def test_cost_cents_uses_a_thinking_price_when_there_is_one():
     assert table.cost_cents("p", "m", 10, 10, reasoning_tokens=100) == pytest.approx(0.01 + 0.02 + 0.05)
 
 
-def test_missing_components_price_at_zero():
-    # mistral-small-latest lists only request and response prices
+def test_missing_cache_prices_cost_the_input_price():
+    # mistral-small-latest lists only request and response prices: a cached token is never free by omission
     rates = PricingTable.load().rates("mistral-ai", "mistral-small-latest")
     assert rates == Rates(request=0.00001, response=0.00003)
     cost = PricingTable.load().cost_cents("mistral-ai", "mistral-small-latest", 100, 100, cache_read_tokens=500)
-    assert cost == pytest.approx(100 * 0.00001 + 100 * 0.00003)
+    assert cost == pytest.approx((100 + 500) * 0.00001 + 100 * 0.00003)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -95,6 +96,21 @@ def cmd_seed(args) -> int:
     return 0
 
 
+def cmd_pricing_refresh(args) -> int:
+    from ingest.pricing import BUNDLED_DIR
+    from ingest.pricing_refresh import refresh, refresh_from_upstream
+
+    target = Path(args.to) if args.to else BUNDLED_DIR
+    try:
+        done = refresh(Path(args.source), target) if args.source else refresh_from_upstream(target)
+    except (ValueError, OSError, subprocess.CalledProcessError) as exc:
+        print(f"error: {exc}; the pricing table was not changed", file=sys.stderr)
+        return 1
+    print(f"pricing table refreshed: Portkey-AI/models {done.version} ({done.date}), {done.files} files, "
+          f"{done.models} priced models, into {target}; restart running processes to use it")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tollgate", description=__doc__)
     p.add_argument("--log-level", default="WARNING", help="Python log level (default WARNING)")
@@ -139,6 +155,13 @@ def parser() -> argparse.ArgumentParser:
     sd.add_argument("--seed", type=int, default=0)
     sd.add_argument("--data-dir")
     sd.set_defaults(func=cmd_seed)
+
+    pricing = sub.add_parser("pricing", help="the bundled model pricing table").add_subparsers(
+        dest="pricing_command", required=True)
+    pr = pricing.add_parser("refresh", help="replace it with a Portkey-AI/models checkout (default: clone it)")
+    pr.add_argument("--from", dest="source", help="a Portkey-AI/models checkout, or a directory of its pricing/*.json")
+    pr.add_argument("--to", help="the pricing data directory to update (default: the bundled ingest/pricing_data)")
+    pr.set_defaults(func=cmd_pricing_refresh)
     return p
 
 

@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8787
     auth_cache_seconds: float = Field(2.0, ge=0, description="How long a verified key is trusted before re-checking.")
+    logs_max_items: int = Field(1_000, ge=1, description="Most custom logs one POST /v1/logs takes; more is a 413.")
+    logs_max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest POST /v1/logs body in bytes; larger is a 413."
+    )
     feedback_max_items: int = Field(1_000, ge=1, description="Most feedback items one POST /v1/feedback takes; more is a 413.")
 
     @cached_property

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -247,6 +248,8 @@ def main() -> None:
             stack.wait(120)
         except subprocess.TimeoutExpired:
             stack.kill()
+            stack.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
 
     logs_per_s = arrays["rps"] * args.batch
     print(f"command: {command}")

@@ -52,5 +52,9 @@ class Publisher:
             raise HTTPException(503, f"the event log (Kafka) is unavailable, nothing was accepted; retry later ({type(exc).__name__})") from exc
 
     def close(self) -> None:
+        """Flush and close; at shutdown a broker that is gone is not an error worth raising."""
         if self._producer is not None:
-            self._producer.close(timeout=5)
+            try:
+                self._producer.close(timeout=5)
+            except KafkaError as exc:
+                log.warning("closing the producer: %s", exc)

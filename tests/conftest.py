@@ -8,13 +8,17 @@ warehouse of their own (crash tests) run ingest in subprocesses.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
 
 import orjson
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
@@ -22,7 +26,7 @@ from analytics_api.app import create_app
 from analytics_api.auth import SCOPES, hash_key, new_key
 from ingest.producer import ensure_topics, make_producer
 from ingest.workers import IngestWorkers
-from tollgate.broker import EmbeddedBroker
+from tollgate.broker import EmbeddedBroker, free_port
 from tollgate.settings import Settings
 from warehouse.client import connect
 from warehouse.migrate import migrate
@@ -112,6 +116,27 @@ def api(settings, warehouse):
     app = create_app(settings, settings.kafka_bootstrap, pool_size=2)
     with TestClient(app) as client:
         yield client
+
+
+@contextlib.contextmanager
+def serve(app) -> Iterator[str]:
+    """``app`` under uvicorn on a free port (for clients that need real HTTP, like the SDK); yields the /v1 URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert wait_until(lambda: server.started, timeout=20)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def live_url(settings, warehouse) -> Iterator[str]:
+    with serve(create_app(settings, settings.kafka_bootstrap, pool_size=2)) as url:
+        yield url
 
 
 @pytest.fixture

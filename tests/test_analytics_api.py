@@ -7,18 +7,13 @@ workspace rule, and the official portkey-ai SDK against a live server.
 from __future__ import annotations
 
 import random
-import socket
-import threading
-import time
 from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
 
 import pytest
-import uvicorn
 
-from analytics_api.app import create_app
-from tests.conftest import count_generations, publish, wait_until
-from tests.factories import gateway_log
+from conftest import count_generations, publish, wait_until
+from factories import gateway_log
 
 WINDOW = {"time_of_generation_min": "2026-11-20T00:00:00Z", "time_of_generation_max": "2026-11-22T00:00:00Z"}
 GRAPHS = [
@@ -176,24 +171,6 @@ def test_workspace_rule(api, loaded, make_key):
     assert [r["workspace_slug"] for r in get(api, ws_key, "groups/workspaces").json()["data"]] == ["other"]
     stranger = make_key("org-stranger-" + org)
     assert get(api, stranger, "graphs/requests", workspace_slug="default").json()["summary"]["total"] == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def live_url(settings, warehouse):
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, settings.kafka_bootstrap, pool_size=2), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    assert wait_until(lambda: server.started, timeout=20)
-    yield f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(timeout=10)
 
 
 def test_portkey_sdk_reads_analytics(live_url, loaded):

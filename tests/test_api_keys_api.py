@@ -6,18 +6,13 @@ settings use auth_cache_seconds=0, so revocation shows on the next request).
 from __future__ import annotations
 
 import hashlib
-import socket
-import threading
 import time
 import uuid
 
 import httpx
 import pytest
-import uvicorn
 
-from analytics_api.app import create_app
 from analytics_api.auth import HEADER, SCOPES, hash_key
-from conftest import wait_until
 from warehouse.queries import api_keys
 
 WINDOW = {"time_of_generation_min": "2026-11-20T00:00:00Z", "time_of_generation_max": "2026-11-22T00:00:00Z"}
@@ -245,21 +240,6 @@ def test_another_organisations_key_is_404_and_untouched(api, make_key, org):
 
 
 # --------------------------------------------------------------------------- the portkey-ai SDK
-
-
-@pytest.fixture
-def live_url(settings, warehouse):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, settings.kafka_bootstrap, pool_size=2), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    assert wait_until(lambda: server.started, timeout=20)
-    yield f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(timeout=10)
 
 
 def test_portkey_sdk_manages_keys(live_url, make_key, org):

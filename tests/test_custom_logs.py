@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import json
 import math
-import socket
-import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from analytics_api.app import create_app
 from analytics_api.publish import Publisher
 from ingest import normalize
 from ingest.pricing import PricingTable
-from tests.conftest import count_generations, read_topic, wait_until
+from conftest import count_generations, read_topic, serve, wait_until
+from tollgate.broker import free_port
 
 PRICING_DIR = Path(__file__).resolve().parent.parent / "ingest" / "pricing_data" / "pricing"
 
@@ -233,21 +231,12 @@ def test_one_request_is_one_kafka_key_and_partition(settings, broker, api, org, 
 def test_portkey_sdk_logs_create(settings, workers, warehouse, org, make_key):
     from portkey_ai import Portkey
 
-    app = create_app(settings, settings.kafka_bootstrap, pool_size=1)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        assert wait_until(lambda: server.started, timeout=20)
-        client = Portkey(api_key=make_key(org, scopes=["logs.write"]), base_url=f"http://127.0.0.1:{port}/v1")
+    with serve(create_app(settings, settings.kafka_bootstrap, pool_size=1)) as url:
+        client = Portkey(api_key=make_key(org, scopes=["logs.write"]), base_url=url)
         raw = client.logs.create(request=OPENAI["request"], response=OPENAI["response"], metadata=OPENAI["metadata"])
         answer = raw.json()  # the SDK hands back the HTTP response of this call
         assert answer["status"] == "success" and len(answer["log_ids"]) == 1
-        assert wait_until(lambda: count_generations(warehouse, org) == 1)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    assert wait_until(lambda: count_generations(warehouse, org) == 1)
 
 
 # --------------------------------------------------------------------------- refusals
@@ -339,15 +328,9 @@ def test_413_too_many_items_or_bytes(small_api, org, make_key):
     assert r.status_code == 413 and "TOLLGATE_INGEST_MAX_EVENT_BYTES" in r.json()["detail"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_kafka_unreachable_is_503_and_nothing_is_stored(settings, workers, api, warehouse, org, make_key):
     key = make_key(org, scopes=["logs.write"])
-    app = create_app(settings, f"127.0.0.1:{_free_port()}", pool_size=1)
+    app = create_app(settings, f"127.0.0.1:{free_port()}", pool_size=1)
     app.state.publisher = Publisher(app.state.bootstrap, timeout=2.0)
     with TestClient(app) as down:
         r = post(down, key, [OPENAI, ANTHROPIC, GEMINI])

@@ -9,19 +9,16 @@ on the same topic has been stored.
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
-import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from analytics_api.app import create_app
 from analytics_api.auth import HEADER
 from conftest import count_generations, publish, read_topic, wait_until
+from tollgate.broker import free_port
 from factories import gateway_log
 
 WINDOW = {"time_of_generation_min": "2026-11-20T00:00:00Z", "time_of_generation_max": "2026-11-22T00:00:00Z"}
@@ -274,18 +271,12 @@ def test_401_and_403(settings, workers, api, warehouse, make_key, org):
 # --------------------------------------------------------------------------- Kafka down
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_kafka_unreachable_is_503_and_nothing_is_stored(settings, workers, api, warehouse, make_key, org):
     key = make_key(org, scopes=["feedback.write"])
     r = post(api, key, {"trace_id": "t-kept", "value": 4})
     (kept,) = r.json()["feedback_ids"]
     assert wait_until(lambda: kept in stored(warehouse, org))
-    app = create_app(settings, f"127.0.0.1:{_closed_port()}", pool_size=1)
+    app = create_app(settings, f"127.0.0.1:{free_port()}", pool_size=1)
     app.state.publisher.timeout = 2.0  # how long the API tries before answering 503 (default 10 s)
     with TestClient(app) as down:
         r = post(down, key, [{"trace_id": "t-lost", "value": 1}, {"trace_id": "t-lost", "value": 2}])
@@ -300,19 +291,6 @@ def test_kafka_unreachable_is_503_and_nothing_is_stored(settings, workers, api, 
 
 
 # --------------------------------------------------------------------------- the portkey-ai SDK
-
-
-@pytest.fixture
-def live_url(settings, warehouse):
-    port = _closed_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, settings.kafka_bootstrap, pool_size=2), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    assert wait_until(lambda: server.started, timeout=20)
-    yield f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(timeout=10)
 
 
 def test_portkey_sdk_creates_and_updates_feedback(live_url, workers, warehouse, make_key, org):

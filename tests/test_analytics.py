@@ -30,7 +30,7 @@ from ingest.producer import ensure_topics, make_producer
 from ingest.workers import IngestWorkers
 from warehouse.queries import api_keys
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec" / "portkey-api-subset.yaml"
+SPEC = Path(__file__).resolve().parents[1] / "spec" / "portkey-api-subset.yaml"
 
 # --------------------------------------------------------------------------- the data set
 

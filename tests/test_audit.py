@@ -40,7 +40,7 @@ from tollgate.stack import ApiServer
 from warehouse.client import connect
 from warehouse.migrate import migrate
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec" / "portkey-api-subset.yaml"
+SPEC = Path(__file__).resolve().parents[1] / "spec" / "portkey-api-subset.yaml"
 HEADER = "x-portkey-api-key"
 
 # --------------------------------------------------------------------------- the stack under test

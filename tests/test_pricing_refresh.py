@@ -13,7 +13,19 @@ import pytest
 from ingest.pricing import BUNDLED_DIR, PricingTable
 from tollgate.cli import main
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "portkey-models"
+
+
+@pytest.fixture
+def upstream_copy(tmp_path) -> Path:
+    """A plain copy of Portkey-AI/models as distributed (pricing/, LICENSE, its own SOURCE.md
+    naming the commit), rebuilt from the bundled table: the upstream note is the bundled
+    note without Tollgate's own line."""
+    src = tmp_path / "portkey-models"
+    shutil.copytree(BUNDLED_DIR / "pricing", src / "pricing")
+    shutil.copy(BUNDLED_DIR / "LICENSE", src / "LICENSE")
+    note = [line for line in (BUNDLED_DIR / "SOURCE.md").read_text().splitlines() if "**Bundled into Tollgate**" not in line]
+    (src / "SOURCE.md").write_text("\n".join(note) + "\n")
+    return src
 
 
 @pytest.fixture
@@ -56,11 +68,12 @@ def test_refresh_from_a_git_checkout(checkout, target, capsys):
     assert [p.name for p in target.iterdir() if p.name.startswith("pricing")] == ["pricing"]  # no staging left
 
 
-def test_refresh_from_a_copy_with_a_source_note(target):
-    assert main(["pricing", "refresh", "--from", str(SHARED), "--to", str(target)]) == 0
+def test_refresh_from_a_copy_with_a_source_note(upstream_copy, target):
+    assert "commit f654307e (2026-08-21)" in (upstream_copy / "SOURCE.md").read_text()
+    assert main(["pricing", "refresh", "--from", str(upstream_copy), "--to", str(target)]) == 0
     note = (target / "SOURCE.md").read_text()
     assert "**Bundled into Tollgate** from commit f654307e (2026-08-21)" in note
-    assert (target / "LICENSE").read_bytes() == (SHARED / "LICENSE").read_bytes()
+    assert (target / "LICENSE").read_bytes() == (upstream_copy / "LICENSE").read_bytes()
 
 
 def test_a_bad_source_changes_nothing(tmp_path, target, capsys):

@@ -134,8 +134,9 @@ def grouped(client: Client, where: Where, group: str, measures: list[str], metad
 
 # Only traces that have feedback can join it: a cheap set lookup spares grouping
 # every trace of the window. (Any version of a feedback id has its trace id, so no FINAL.)
-# The set holds 64-bit hashes (cheaper to build and probe than strings); a collision
-# only lets an extra trace through to the exact join on trace_id below.
+# The set holds 64-bit hashes, probed against the materialized `trace_hash` (0008):
+# cheaper than reading and comparing strings; a collision only lets an extra trace
+# through to the exact join on trace_id.
 TRACES_WITH_FEEDBACK = "SELECT cityHash64(trace_id) FROM feedback WHERE organisation_id = {scope_org:String} AND trace_id != ''"
 
 
@@ -150,7 +151,7 @@ def _traces(where: Where, extra_key: str | None = None) -> str:
     group = "GROUPING SETS ((trace_id, key), (trace_id))" if extra_key else "trace_id"
     return (
         f"SELECT trace_id{key}, min(created_at) AS first_at, argMin(ai_model, (created_at, id)) AS model, count() AS requests "
-        f"FROM generations FINAL WHERE {where.sql} AND trace_id != '' AND cityHash64(trace_id) IN ({TRACES_WITH_FEEDBACK}) GROUP BY {group}"
+        f"FROM generations FINAL WHERE {where.sql} AND trace_hash IN ({TRACES_WITH_FEEDBACK}) AND trace_id != '' GROUP BY {group}"
     )
 
 

@@ -30,7 +30,6 @@ class Graph:
     summary: dict[str, pl.Expr]
     maps: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # data point field → (map column, key name, value name)
     feedback: bool = False  # aggregates come from feedback joined with generations
-    users: bool = False  # aggregates come from the two-step users query
 
 
 GRAPHS: dict[str, Graph] = {
@@ -50,12 +49,11 @@ GRAPHS: dict[str, Graph] = {
         point := {"total": col("tokens"), "avg": iround(ratio("tokens", "requests"))},
         point,
     ),
-    "users": Graph(("users",), {"total": col("users")}, {"total": col("users")}, users=True),
+    "users": Graph(("users",), {"total": col("users")}, {"total": col("users")}),
     "users/requests": Graph(
         ("users", "user_requests"),
         {"avg": iround(ratio("user_requests", "users"))},
         {"total": col("user_requests"), "unique": col("users"), "avg": iround(ratio("user_requests", "users"))},
-        users=True,
     ),
     "errors": Graph(("errors",), {"total": col("errors")}, {"total": col("errors")}),
     "errors/rate": Graph(

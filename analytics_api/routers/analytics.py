@@ -29,8 +29,6 @@ def _graph_route(name: str, graph: graphs.Graph):
         with request.app.state.warehouse.borrow() as client:
             if graph.feedback:
                 table = q.feedback_series(client, aq.where, aq.buckets.granularity, aq.buckets.offset_seconds)
-            elif graph.users:
-                table = q.users_series(client, aq.where, aq.buckets.granularity, aq.buckets.offset_seconds)
             else:
                 table = q.series(client, aq.where, list(graph.measures), aq.buckets.granularity, aq.buckets.offset_seconds)
         return graphs.graph_response(graph, aq.buckets, table)

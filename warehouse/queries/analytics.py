@@ -114,19 +114,6 @@ def series(client: Client, where: Where, measures: list[str], granularity: str, 
     return client.query_arrow(sql, parameters={**where.params, "tz_offset": tz_offset}, settings=FINAL_SETTINGS)
 
 
-def users_series(client: Client, where: Where, granularity: str, tz_offset: int) -> pa.Table:
-    """``users`` and ``user_requests`` per bucket plus the total row, in two steps: first
-    one row per (bucket, user) — a cheap GROUP BY on the LowCardinality user — then
-    counts over those rows. Same results as the ``users`` measure, fewer string hashes."""
-    sql = (
-        f"SELECT bucket, uniqExact(user) AS users, sum(n) AS user_requests FROM ("
-        f"SELECT {bucket_sql('created_at', granularity)} AS bucket, {USER_EXPR} AS user, count() AS n "
-        f"FROM generations FINAL WHERE {where.sql} AND {USER_EXPR} != '' GROUP BY bucket, user"
-        ") GROUP BY GROUPING SETS ((bucket), ())"
-    )
-    return client.query_arrow(sql, parameters={**where.params, "tz_offset": tz_offset}, settings=FINAL_SETTINGS)
-
-
 def totals(client: Client, where: Where, measures: list[str]) -> pa.Table:
     """One row: the measures over the whole selection."""
     sql = f"SELECT {_select(measures)} FROM generations FINAL WHERE {where.sql}"

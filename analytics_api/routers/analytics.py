@@ -106,22 +106,23 @@ def _include_total(request: Request) -> bool:
     return raw in ("true", "1")
 
 
+def _requests_and_cost(request: Request, aq: AnalyticsQuery, group: str, key_name: str) -> dict:
+    """The spec's users and ai-models groups: requests and cost, as strings."""
+    page = _page(request, ["requests", "cost"], key_name, "requests")
+    with request.app.state.warehouse.borrow() as client:
+        table = q.grouped(client, aq.where, group, ["requests", "cost"])
+    rows, _ = groups.merge(table, None)
+    return groups.respond(rows, key_name, groups.USERS_FIELDS, page, formats=groups.AS_STRINGS)
+
+
 @router.get("/groups/users", summary="requests and cost per user")
 def group_users(request: Request, aq: AnalyticsQuery = Depends(window_query)) -> dict:
-    page = _page(request, ["requests", "cost"], "user", "requests")
-    with request.app.state.warehouse.borrow() as client:
-        table = q.grouped(client, aq.where, "user", ["requests", "cost"])
-    rows, _ = groups.merge(table, None)
-    return groups.respond(rows, "user", groups.USERS_FIELDS, page, formats=groups.AS_STRINGS)
+    return _requests_and_cost(request, aq, "user", "user")
 
 
 @router.get("/groups/ai-models", summary="requests and cost per model")
 def group_ai_models(request: Request, aq: AnalyticsQuery = Depends(window_query)) -> dict:
-    page = _page(request, ["requests", "cost"], "ai_model", "requests")
-    with request.app.state.warehouse.borrow() as client:
-        table = q.grouped(client, aq.where, "model", ["requests", "cost"])
-    rows, _ = groups.merge(table, None)
-    return groups.respond(rows, "ai_model", groups.USERS_FIELDS, page, formats=groups.AS_STRINGS)
+    return _requests_and_cost(request, aq, "model", "ai_model")
 
 
 @router.get("/groups/metadata/{metadataKey}", summary="requests, cost, tokens and feedback per metadata value")

@@ -140,8 +140,17 @@ def grouped(client: Client, where: Where, group: str, measures: list[str], metad
 TRACES_WITH_FEEDBACK = "SELECT cityHash64(trace_id) FROM feedback WHERE organisation_id = {scope_org:String} AND trace_id != ''"
 
 
-def _traces(where: Where, extra_key: str | None = None) -> str:
-    """The traces of the selected generations, each with its first request's time and model.
+# What a query may need of a trace's requests. `model` (of the first request; ties:
+# smallest id) reads `id` for every matched row, so only the per-model graph asks for it.
+TRACE_ATTRIBUTES = {
+    "first_at": "min(created_at)",
+    "model": "argMin(ai_model, (created_at, id))",
+}
+
+
+def _traces(where: Where, extra_key: str | None = None, attributes: tuple[str, ...] = ()) -> str:
+    """The traces of the selected generations that have feedback, with their number of
+    requests and the asked ``attributes`` (names of TRACE_ATTRIBUTES).
 
     With ``extra_key``, one row per (trace, key) plus one row per trace with a NULL
     key, so that an outer ``GROUP BY key`` also yields the whole selection's row in
@@ -149,8 +158,9 @@ def _traces(where: Where, extra_key: str | None = None) -> str:
     """
     key = f", {extra_key} AS key" if extra_key else ""
     group = "GROUPING SETS ((trace_id, key), (trace_id))" if extra_key else "trace_id"
+    extra = "".join(f", {TRACE_ATTRIBUTES[a]} AS {a}" for a in attributes)
     return (
-        f"SELECT trace_id{key}, min(created_at) AS first_at, argMin(ai_model, (created_at, id)) AS model, count() AS requests "
+        f"SELECT trace_id{key}{extra}, count() AS requests "
         f"FROM generations FINAL WHERE {where.sql} AND trace_hash IN ({TRACES_WITH_FEEDBACK}) AND trace_id != '' GROUP BY {group}"
     )
 
@@ -165,7 +175,7 @@ def feedback_series(client: Client, where: Where, granularity: str, tz_offset: i
     """Feedback per bucket of its trace's first request, plus the total row."""
     sql = (
         f"SELECT {bucket_sql('t.first_at', granularity)} AS bucket, {FEEDBACK_MEASURES} "
-        f"FROM ({FEEDBACK}) AS f INNER JOIN ({_traces(where)}) AS t ON f.trace_id = t.trace_id "
+        f"FROM ({FEEDBACK}) AS f INNER JOIN ({_traces(where, attributes=('first_at',))}) AS t ON f.trace_id = t.trace_id "
         "GROUP BY GROUPING SETS ((bucket), ())"
     )
     return client.query_arrow(sql, parameters={**where.params, "tz_offset": tz_offset}, settings=FINAL_SETTINGS)
@@ -174,9 +184,10 @@ def feedback_series(client: Client, where: Where, granularity: str, tz_offset: i
 def feedback_by(client: Client, where: Where, by: str) -> pa.Table:
     """Feedback counted per ``score`` (its value) or per ``model`` (of the trace's first request)."""
     key = {"score": "f.value", "model": "t.model"}[by]
+    attributes = ("model",) if by == "model" else ()
     sql = (
         f"SELECT {key} AS key, {FEEDBACK_MEASURES} "
-        f"FROM ({FEEDBACK}) AS f INNER JOIN ({_traces(where)}) AS t ON f.trace_id = t.trace_id "
+        f"FROM ({FEEDBACK}) AS f INNER JOIN ({_traces(where, attributes=attributes)}) AS t ON f.trace_id = t.trace_id "
         "GROUP BY GROUPING SETS ((key), ())"
     )
     return client.query_arrow(sql, parameters=where.params, settings=FINAL_SETTINGS)

@@ -112,6 +112,12 @@ class SinkServer:
 
     def _serve(self) -> None:
         client = connect(self.dsn)
+        try:
+            self._loop(client)
+        finally:
+            client.close()  # release the engine handle before the process tears chdb down
+
+    def _loop(self, client) -> None:
         while True:
             try:
                 table, columns, path = self.conn.recv()

@@ -57,6 +57,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from ingest.events import GENERATION_COLUMNS as EVENT_COLUMNS  # noqa: E402
+
 ORG = "bench-org"
 START_MS = 1792627200000  # 2026-10-22T00:00:00Z: 30 days up to the end of 2026-11-20
 DAYS = 30
@@ -98,18 +100,9 @@ STATUSES = [(200, 0.959), (429, 0.975), (500, 0.983), (503, 0.988), (400, 0.994)
 # cache_status of a request that reached the cache, cumulative: None = no cache configured (NULL)
 CACHE = [("MISS", 0.70), ("HIT", 0.82), ("SEMANTIC HIT", 0.87), ("SEMANTIC MISS", 0.91), ("DISABLED", 0.95), ("REFRESH", 0.96), (None, 1.0)]
 
-GENERATION_COLUMNS = [
-    "id", "organisation_id", "workspace_slug", "created_at", "organisation_name", "prompt_id", "prompt_version_id",
-    "prompt_slug", "config_id", "config", "config_version_id", "is_success", "ai_org", "ai_model", "req_units",
-    "res_units", "total_units", "cost", "cost_currency", "request_url", "request_method", "response_status_code",
-    "response_time", "is_proxy_call", "cache_status", "cache_type", "stream_mode", "retry_success_count", "trace_id",
-    "span_id", "span_name", "parent_span_id", "mode", "virtual_key", "source", "runtime", "runtime_version",
-    "sdk_version", "internal_trace_id", "last_used_option_index", "log_store_file_path_format", "metadata.key",
-    "metadata.value", "api_key_id", "request_parsing_time", "pre_processing_time", "cache_processing_time",
-    "response_parsing_time", "gateway_processing_time", "upstream_response_time", "request_headers", "request_body",
-    "request_portkey_headers", "response_headers", "response_body", "response_last_used_option_json_path",
-    "debug_payloads",
-]
+# Every column ingest writes except pricing_status (left at its default): the SELECT
+# of generations_sql() yields exactly these, in this order.
+GENERATION_COLUMNS = [c for c in EVENT_COLUMNS if c != "pricing_status"]
 
 
 def _arr(values) -> str:

@@ -28,6 +28,16 @@ from warehouse.client import connect
 from warehouse.migrate import migrate
 from warehouse.queries import api_keys
 
+def install_exports(settings: Settings, client, scheduler) -> None:
+    """Exports left in_progress by a previous run are failed (this process owns every runner), and
+    the export schedules are registered on the scheduler (rebuilt from ClickHouse; exports/schedules.py)."""
+    from exports.jobs import recover_interrupted
+    from exports.schedules import ScheduleService
+
+    recover_interrupted(client, settings)
+    ScheduleService(settings).install(scheduler)
+
+
 def say(message: str) -> None:
     print(message, flush=True)
 
@@ -140,6 +150,7 @@ def up(settings: Settings, host: str, port: int, ingest_workers: int | None = No
         scheduler = BackgroundScheduler(timezone="UTC")
         scheduler.start()
         cleanup.callback(scheduler.shutdown, wait=True)
+        install_exports(settings, client, scheduler)  # scheduled exports, and exports a crash left running
 
         api = ApiServer(create_app(settings, bootstrap), host, port)
         api.start()

@@ -450,3 +450,47 @@ def test_mutations_leave_audit_records(settings, tmp_path, dataset, make_key, br
     assert sorted(final) == sorted([("POST", "log_export", "create", 200), ("PUT", "log_export", "update", 200),
                                     ("POST", "log_export", "cancel", 200), ("POST", "log_export", "start", 409)])
     assert all(r["organisation_id"] == dataset["org"] for r in records)
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_cli_create_start_status_download(settings, tmp_path, dataset, make_key):
+    """`tollgate export …` as a user runs it, against the API served on a port."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import serve
+
+    key = make_key(dataset["org"])
+    s = settings.model_copy(update={"export_dir": tmp_path / "exports", "export_part_rows": 400})
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "TOLLGATE_API_KEY": key}
+
+    def tollgate(*args):
+        r = subprocess.run([sys.executable, "-m", "tollgate.cli", "export", *args, "--url", url], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, (args, r.stdout, r.stderr)
+        return r
+
+    with serve(create_app(s, s.kafka_bootstrap, pool_size=2)) as url:
+        r = tollgate("create", "--since", WINDOW["time_of_generation_min"], "--until", WINDOW["time_of_generation_max"],
+                     "--filters", json.dumps({"status_code": "200"}), "--format", "parquet")
+        export_id = r.stdout.strip().splitlines()[-1]
+        want = selected_ids(dataset["events"], dataset["feedback"], dataset["org"], {**WINDOW, "status_code": "200"})
+        assert f"{len(want)} rows match" in r.stdout
+        r = tollgate("start", export_id, "--wait")
+        assert f"status: success, {len(want)} of {len(want)} rows written" in r.stdout
+        assert "rows" in r.stderr  # the progress bar
+        assert "part-00000.parquet" in tollgate("status", export_id).stdout
+        out = tmp_path / "downloaded"
+        tollgate("download", export_id, "--out", str(out))
+        parts = sorted(out.glob("part-*.parquet"))
+        assert len(parts) == -(-len(want) // 400) and (out / "manifest.json").exists()
+        rows = pl.concat([pl.read_parquet(p) for p in parts]).to_dicts()
+        check_rows(rows, want, dataset, METRIC_COLUMNS, "parquet")
+        bad = subprocess.run([sys.executable, "-m", "tollgate.cli", "export", "start", export_id, "--url", url], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 1 and "HTTP 409" in bad.stderr

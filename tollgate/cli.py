@@ -111,6 +111,12 @@ def cmd_pricing_refresh(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from exports.shell import run
+
+    return run(args, _settings(args))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tollgate", description=__doc__)
     p.add_argument("--log-level", default="WARNING", help="Python log level (default WARNING)")
@@ -162,6 +168,11 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--from", dest="source", help="a Portkey-AI/models checkout, or a directory of its pricing/*.json")
     pr.add_argument("--to", help="the pricing data directory to update (default: the bundled ingest/pricing_data)")
     pr.set_defaults(func=cmd_pricing_refresh)
+
+    from exports.shell import add_parser as add_export_parser
+
+    add_export_parser(sub)  # tollgate export create|start|status|download
+    sub.choices["export"].set_defaults(func=cmd_export)
     return p
 
 

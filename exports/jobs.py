@@ -269,11 +269,10 @@ class ExportRunner:
         dest = destination(self.settings, job.destination)
         directory = job_directory(job.id)
         writer = PartWriter(dest, directory, job.format, self.settings.export_part_rows, self.settings.export_row_group_rows)
-        data = connect(self.settings.warehouse_dsn)
+        data = connect(self.settings.warehouse_dsn, **q.DATA_CLIENT_SETTINGS)
         try:
             selection = job_selection(job)
-            total = q.count_rows(data, selection)
-            job = self._write(next_version(job, "in_progress", total=total, rows_written=0))
+            total = job.total  # counted when the export was created or last edited
             stream = q.Stream(data, selection, list(job.requested_data), job.format)
             last_progress = last_check = time.monotonic()
             for table in prefetch(stream, cancel):
@@ -295,7 +294,7 @@ class ExportRunner:
                             extra={"export_id": job.id, "organisation_id": job.organisation_id,
                                    "workspace_slug": job.workspace_slug, "destination": dest.location(directory)})
             listed = [f.as_dict() for f in files] + [write_manifest(dest, directory, body).as_dict()]
-            self._write(next_version(job, "success", rows_written=writer.rows, total=max(total, writer.rows),
+            self._write(next_version(job, "success", rows_written=writer.rows, total=writer.rows,
                                      files=orjson.dumps(listed).decode(), finished_at=datetime.now(UTC)))
             final = self._control(q.get_job_by_id, job.id)
             if final is None or final.status != "success":  # a cancel was recorded first: it wins

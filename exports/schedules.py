@@ -50,7 +50,7 @@ from exports.destinations import Destination, destination
 from exports.jobs import invalid, iso, parse_filters
 from exports.writers import MANIFEST, PartWriter, manifest, write_manifest
 from tollgate.settings import Settings
-from warehouse.client import ClientPool
+from warehouse.client import ClientPool, connect
 from warehouse.queries import exports as q
 from warehouse.queries.scope import TenantScope
 
@@ -309,15 +309,18 @@ class ScheduleService:
         start, end = window_of(fire, schedule.window_kind, ZoneInfo(schedule.timezone))
         run = q.write_run(client, q.RunRow(schedule.id, schedule.organisation_id, start, end, fire, "running", cause,
                                            attempts, 0, "[]", "", datetime.now(UTC), None, _version()))
+        data = connect(self.settings.warehouse_dsn, **q.DATA_CLIENT_SETTINGS)
         try:
             dest = destination(self.settings, schedule.destination)
-            rows, files = export_window(client, dest, schedule, start, end, self.settings)
+            rows, files = export_window(data, dest, schedule, start, end, self.settings)
             done = replace(run, status="success", row_count=rows, files=orjson.dumps(files).decode(),
                            finished_at=datetime.now(UTC), version=_version())
         except Exception as exc:
             log.exception("export schedule %s: window %s failed", schedule.id, iso(start))
             done = replace(run, status="failed", error=f"{type(exc).__name__}: {exc}"[:2000],
                            finished_at=datetime.now(UTC), version=_version())
+        finally:
+            data.close()
         return q.write_run(client, done)
 
     def request_backfill(self, client, schedule: q.ScheduleRow, start: datetime, end: datetime,

@@ -34,6 +34,10 @@ ROW_GROUP_BYTES = 64 * 1024 * 1024
 PARQUET_COMPRESSION = "zstd"
 PARQUET_COMPRESSION_LEVEL = 1
 DICTIONARY_COLUMNS = ("ai_org", "ai_model", "cost_currency", "mode", "config", "prompt_slug", "request_url", "metadata")
+# Min/max statistics where a lake engine can prune with them (not on random ids, JSON or maps).
+STATISTICS_COLUMNS = ("created_at", "is_success", "ai_org", "ai_model", "req_units", "res_units", "total_units", "cost",
+                      "cost_currency", "response_time", "response_status_code", "mode", "config", "prompt_slug",
+                      "request_url")
 MANIFEST = "manifest.json"
 
 # JSON value types of the JSONL columns (what the manifest's schema says for JSONL).
@@ -89,9 +93,12 @@ class ParquetPart(_Part):
     def __init__(self, sink: Sink, schema: pa.Schema, row_group_rows: int):
         super().__init__(sink)
         names = set(schema.names)
+        # store_schema=False: no Arrow schema in the file, so every reader sees the Parquet types
+        # (strings, not the dictionary arrays ClickHouse hands over for LowCardinality columns).
         self.writer = pq.ParquetWriter(
             sink, schema, compression=PARQUET_COMPRESSION, compression_level=PARQUET_COMPRESSION_LEVEL,
-            use_dictionary=[c for c in DICTIONARY_COLUMNS if c in names] or False, write_statistics=True,
+            use_dictionary=[c for c in DICTIONARY_COLUMNS if c in names] or False,
+            write_statistics=[c for c in STATISTICS_COLUMNS if c in names] or False, store_schema=False,
         )
         self.row_group_rows = row_group_rows
         self.target = row_group_rows

@@ -193,7 +193,7 @@ def _paged_where(client: Client, sel: Selection) -> Where | None:
 
 
 # A slice holds about this many bytes of Arrow data (at least MIN_SLICE_ROWS rows).
-SLICE_BYTES = 64 * 1024 * 1024
+SLICE_BYTES = 32 * 1024 * 1024
 MIN_SLICE_ROWS = 1_000
 
 # Histogram levels: bucket width in milliseconds, coarse to fine. A bucket over the
@@ -288,6 +288,8 @@ class Stream:
         if table is not None:
             if self.fmt != "jsonl":
                 table = table.rename_columns(self.columns)
+            if self.fmt == "csv":
+                table = _plain(table)
             self.stats.observe(table)
         return table
 
@@ -296,6 +298,19 @@ class Stream:
             table = self.read(lo, hi)
             if table is not None and table.num_rows:
                 yield table
+
+
+# Session settings of a client that reads export data: LowCardinality columns come as Arrow
+# dictionaries (cheaper for ClickHouse to write, and what Parquet stores anyway).
+DATA_CLIENT_SETTINGS = {"output_format_arrow_low_cardinality_as_dictionary": 1}
+
+
+def _plain(table: pa.Table) -> pa.Table:
+    """Dictionary columns decoded (the CSV writer wants values)."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_dictionary(f.type):
+            table = table.set_column(i, f.name, table.column(i).cast(f.type.value_type))
+    return table
 
 
 def _naive(ts: datetime) -> datetime:

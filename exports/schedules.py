@@ -23,7 +23,10 @@ process was down are caught up in order at the next start. At most
 ``TOLLGATE_EXPORT_CATCHUP_MAX_WINDOWS`` are caught up at once; older missed windows
 are recorded as one ``skipped`` run that says which (backfill them on purpose).
 Failed windows are retried at the next tick, up to ``TOLLGATE_EXPORT_RUN_MAX_ATTEMPTS``.
-Backfills (``POST …/backfill``) are ``pending`` runs the scheduler picks up.
+Backfills (``POST …/backfill``) are ``pending`` runs the scheduler picks up (cause
+``rerun`` for a window the schedule already ran, ``backfill`` for one it has not: only
+the former counts for the cursor, so a backfill ahead of the cursor never makes the
+scheduler skip the windows before it).
 
 :class:`ScheduleService` runs in the process that owns the scheduler (``tollgate
 up``): it rebuilds the APScheduler jobs from ClickHouse at start and every
@@ -346,13 +349,17 @@ def request_backfill(client, schedule: q.ScheduleRow, start: datetime, end: date
         raise invalid("end", f"more than {settings.export_catchup_max_windows} windows "
                              "(TOLLGATE_EXPORT_CATCHUP_MAX_WINDOWS); ask for a shorter range")
     _, existing = q.list_runs(client, schedule.organisation_id, schedule.id)
-    attempts = {r.window_start: r.attempts for r in existing}
+    before = {r.window_start: r for r in existing}
     rows = []
     for w_start in sorted(windows):
         w_end, fire = windows[w_start]
+        prior = before.get(w_start)
+        # 'rerun': a window the schedule already took up (it still counts for the cursor);
+        # 'backfill': one it has not (it does not move the cursor past windows still due)
+        cause = "rerun" if prior is not None and prior.cause not in ("backfill",) else "backfill"
         rows.append(q.write_run(client, q.RunRow(
-            schedule.id, schedule.organisation_id, w_start, w_end, fire, "pending", "backfill",
-            attempts.get(w_start, 0) + 1, 0, "[]", "", datetime.now(UTC), None, _version())))
+            schedule.id, schedule.organisation_id, w_start, w_end, fire, "pending", cause,
+            (prior.attempts if prior else 0) + 1, 0, "[]", "", datetime.now(UTC), None, _version())))
     return rows
 
 

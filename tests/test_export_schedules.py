@@ -146,10 +146,12 @@ def test_three_windows_one_rerun_leave_one_copy_of_each_row(hours, settings, s3,
             assert [(x["window_start"], x["status"]) for x in r.json()["data"]] == [(iso(at(11)), "pending")]
             rerun = ScheduleService(s.model_copy(update={"export_part_rows": 1_000}))
             runs = rerun.run_due(schedule["id"], now=at(13) + timedelta(minutes=6))
-            assert [(r.window_start, r.status, r.cause, r.attempts) for r in runs] == [(at(11), "success", "backfill", 2)]
-            # and once more, as a duplicate trigger of the same window would
-            rerun.request_backfill(warehouse, rerun_schedule(warehouse, schedule["id"]), at(11), at(12))
-            rerun.run_due(schedule["id"], now=at(13) + timedelta(minutes=7))
+            assert [(r.window_start, r.status, r.cause, r.attempts) for r in runs] == [(at(11), "success", "rerun", 2)]
+            # and once more, as a duplicate trigger of the same window would; and the latest window too
+            rerun.request_backfill(warehouse, rerun_schedule(warehouse, schedule["id"]), at(11), at(13))
+            runs = rerun.run_due(schedule["id"], now=at(13) + timedelta(minutes=7))
+            assert [(r.window_start, r.cause) for r in runs] == [(at(11), "rerun"), (at(12), "rerun")]
+            assert rerun.run_due(schedule["id"], now=at(13) + timedelta(minutes=8)) == []  # the cursor did not move back
 
             everything = events + late
             ids = []
@@ -168,7 +170,7 @@ def test_three_windows_one_rerun_leave_one_copy_of_each_row(hours, settings, s3,
             # the run history through the API: one row per window, the latest attempt
             history = api.get(f"/v1/logs/exports/schedules/{schedule['id']}/runs", headers=h(key)).json()
             assert [(x["window_start"], x["status"], x["attempts"]) for x in history["data"]] == [
-                (iso(at(12)), "success", 1), (iso(at(11)), "success", 3), (iso(at(10)), "success", 1)]
+                (iso(at(12)), "success", 2), (iso(at(11)), "success", 3), (iso(at(10)), "success", 1)]
             assert history["data"][1]["rows"] == len(selected_ids(everything, [], org, window_filters(at(11), at(12), filters)))
             assert all(x["error"] is None and x["files"] for x in history["data"])
         finally:

@@ -114,12 +114,11 @@ def settings_for(data_dir: Path, s3: dict | None, part_rows: int):
 
 def phase_baseline(data_dir: Path, part_rows: int) -> dict:
     from exports.jobs import parse_filters
-    from warehouse.client import connect
     from warehouse.queries import exports as q
     from warehouse.queries.scope import TenantScope
 
     settings = settings_for(data_dir, None, part_rows)
-    client = connect(settings.warehouse_dsn, **q.DATA_CLIENT_SETTINGS)  # as the exporter's
+    client = q.data_client(settings.warehouse_dsn)  # as the exporter's
     sel = parse_filters(WINDOW, TenantScope(ORG, WORKSPACE)).selection
     t0 = time.perf_counter()
     stream = q.Stream(client, sel, METRICS, "parquet")

@@ -36,7 +36,7 @@ from analytics_api import params as analytics_params
 from exports.destinations import destination
 from exports.writers import MANIFEST, PartWriter, manifest, write_manifest
 from tollgate.settings import Settings
-from warehouse.client import ClientPool, connect
+from warehouse.client import ClientPool
 from warehouse.queries import exports as q
 from warehouse.queries.scope import TenantScope
 
@@ -269,10 +269,9 @@ class ExportRunner:
         dest = destination(self.settings, job.destination)
         directory = job_directory(job.id)
         writer = PartWriter(dest, directory, job.format, self.settings.export_part_rows, self.settings.export_row_group_rows)
-        data = connect(self.settings.warehouse_dsn, **q.DATA_CLIENT_SETTINGS)
+        data = q.data_client(self.settings.warehouse_dsn)
         try:
             selection = job_selection(job)
-            total = job.total  # counted when the export was created or last edited
             stream = q.Stream(data, selection, list(job.requested_data), job.format)
             last_progress = last_check = time.monotonic()
             for table in prefetch(stream, cancel):

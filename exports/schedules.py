@@ -53,7 +53,7 @@ from exports.destinations import Destination, destination
 from exports.jobs import invalid, iso, parse_filters
 from exports.writers import MANIFEST, PartWriter, manifest, write_manifest
 from tollgate.settings import Settings
-from warehouse.client import ClientPool, connect
+from warehouse.client import ClientPool
 from warehouse.queries import exports as q
 from warehouse.queries.scope import TenantScope
 
@@ -312,7 +312,7 @@ class ScheduleService:
         start, end = window_of(fire, schedule.window_kind, ZoneInfo(schedule.timezone))
         run = q.write_run(client, q.RunRow(schedule.id, schedule.organisation_id, start, end, fire, "running", cause,
                                            attempts, 0, "[]", "", datetime.now(UTC), None, _version()))
-        data = connect(self.settings.warehouse_dsn, **q.DATA_CLIENT_SETTINGS)
+        data = q.data_client(self.settings.warehouse_dsn)
         try:
             dest = destination(self.settings, schedule.destination)
             rows, files = export_window(data, dest, schedule, start, end, self.settings)

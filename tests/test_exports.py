@@ -28,7 +28,6 @@ from analytics_api.app import create_app
 from conftest import read_topic, wait_until
 from export_helpers import (ALL_COLUMNS, DAY, METRIC_COLUMNS, WINDOW, S3Server, expected_rows, feedback_events, ingest,
                             make_events, normalize_exported, selected_ids)
-from ingest.producer import ensure_topics
 from warehouse.queries import exports as q
 
 HEADER = "x-portkey-api-key"

@@ -193,7 +193,7 @@ def _paged_where(client: Client, sel: Selection) -> Where | None:
 
 
 # A slice holds about this many bytes of Arrow data (at least MIN_SLICE_ROWS rows).
-SLICE_BYTES = 32 * 1024 * 1024
+SLICE_BYTES = 16 * 1024 * 1024
 MIN_SLICE_ROWS = 1_000
 
 # Histogram levels: bucket width in milliseconds, coarse to fine. A bucket over the

@@ -266,10 +266,16 @@ class ExportRunner:
         if job is None or job.status != "in_progress":
             return
         cancel = self._cancel.get(job_id) or threading.Event()
-        dest = destination(self.settings, job.destination)
         directory = job_directory(job.id)
+        try:  # a destination that cannot be set up, or no warehouse: the export fails, saying why
+            dest = destination(self.settings, job.destination)
+            data = q.data_client(self.settings.warehouse_dsn)
+        except Exception as exc:
+            log.exception("export %s could not start", job.id)
+            self._write(next_version(job, "failed", error=f"{type(exc).__name__}: {exc}"[:2000],
+                                     finished_at=datetime.now(UTC)))
+            return
         writer = PartWriter(dest, directory, job.format, self.settings.export_part_rows, self.settings.export_row_group_rows)
-        data = q.data_client(self.settings.warehouse_dsn)
         try:
             selection = job_selection(job)
             stream = q.Stream(data, selection, list(job.requested_data), job.format)

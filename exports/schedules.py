@@ -206,6 +206,8 @@ class ScheduleService:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._known: dict[str, int] = {}  # schedule id → version behind its APScheduler job
+        # windows exported at once (each holds a few slices in memory), whatever the number of schedules
+        self._slots = threading.BoundedSemaphore(settings.export_workers)
 
     # ------------------------------------------------------------------ APScheduler
 
@@ -271,49 +273,67 @@ class ScheduleService:
         """Run everything due for the schedule at ``now``, oldest window first: backfills asked for,
         failed windows to retry, then the cron times since the cursor. Returns the runs made."""
         now = now or datetime.now(UTC)
-        with self._lock(schedule_id), self.pool.borrow() as client:
-            schedule = q.get_schedule(client, None, schedule_id)
-            if schedule is None or schedule.status != "active":
+        with self._lock(schedule_id):
+            with self.pool.borrow() as client:
+                todo = self._due(client, schedule_id, now)
+            if todo is None:
                 return []
-            tz = ZoneInfo(schedule.timezone)
-            trigger = CronTrigger.from_crontab(schedule.cron, timezone=tz)
-            _, existing = q.list_runs(client, schedule.organisation_id, schedule.id, newest_first=False)
-            todo: dict[datetime, tuple[datetime, str, int]] = {}  # window start → (fire, cause, attempts so far)
-            for run in existing:
-                if run.status == "pending":
-                    todo[run.window_start] = (run.fire_time, run.cause, run.attempts - 1)
-                elif run.status == "failed" and run.attempts < self.settings.export_run_max_attempts:
-                    todo[run.window_start] = (run.fire_time, "retry", run.attempts)
-            cursor = q.last_fire_time(client, schedule.organisation_id, schedule.id)
-            cursor = max(cursor, schedule.start_at) if cursor else schedule.start_at
-            fires, skipped = fire_times(trigger, cursor, now, self.settings.export_catchup_max_windows)
-            if skipped:
-                first = trigger.get_next_fire_time(None, cursor + timedelta(microseconds=1)).astimezone(UTC)
-                w_start, w_end = window_of(first, schedule.window_kind, tz)
-                last_start, _ = window_of(fires[0], schedule.window_kind, tz)
-                q.write_run(client, q.RunRow(
-                    schedule.id, schedule.organisation_id, w_start, w_end, first, "skipped", "catch-up", 0, 0, "[]",
-                    f"{skipped} missed windows, from {iso(w_start)} up to {iso(last_start)}, were not exported: more "
-                    f"than TOLLGATE_EXPORT_CATCHUP_MAX_WINDOWS ({self.settings.export_catchup_max_windows}) were due; "
-                    "backfill them with POST /v1/logs/exports/schedules/{id}/backfill",
-                    datetime.now(UTC), datetime.now(UTC), _version()))
-            for i, fire in enumerate(fires):
-                start, _ = window_of(fire, schedule.window_kind, tz)
-                if start not in todo:
-                    cause = "schedule" if i == len(fires) - 1 and now - fire < timedelta(minutes=5) else "catch-up"
-                    todo[start] = (fire, cause, 0)
+            schedule, todo = todo
             made = []
             for start in sorted(todo):
                 fire, cause, attempts = todo[start]
-                made.append(self._run_window(client, schedule, fire, cause, attempts + 1))
+                made.append(self._run_window(schedule, fire, cause, attempts + 1))
             return made
 
-    def _run_window(self, client, schedule: q.ScheduleRow, fire: datetime, cause: str, attempts: int) -> q.RunRow:
+    def _due(self, client, schedule_id: str, now: datetime):
+        """(schedule, {window start: (cron time, cause, attempts so far)}) of what is due, or None."""
+        schedule = q.get_schedule(client, None, schedule_id)
+        if schedule is None or schedule.status != "active":
+            return None
+        tz = ZoneInfo(schedule.timezone)
+        trigger = CronTrigger.from_crontab(schedule.cron, timezone=tz)
+        _, existing = q.list_runs(client, schedule.organisation_id, schedule.id, newest_first=False)
+        todo: dict[datetime, tuple[datetime, str, int]] = {}  # window start → (fire, cause, attempts so far)
+        for run in existing:
+            if run.status == "pending":
+                todo[run.window_start] = (run.fire_time, run.cause, run.attempts - 1)
+            elif run.status == "failed" and run.attempts < self.settings.export_run_max_attempts:
+                todo[run.window_start] = (run.fire_time, "retry", run.attempts)
+        cursor = q.last_fire_time(client, schedule.organisation_id, schedule.id)
+        cursor = max(cursor, schedule.start_at) if cursor else schedule.start_at
+        fires, skipped = fire_times(trigger, cursor, now, self.settings.export_catchup_max_windows)
+        if skipped:
+            first = trigger.get_next_fire_time(None, cursor + timedelta(microseconds=1)).astimezone(UTC)
+            w_start, w_end = window_of(first, schedule.window_kind, tz)
+            last_start, _ = window_of(fires[0], schedule.window_kind, tz)
+            q.write_run(client, q.RunRow(
+                schedule.id, schedule.organisation_id, w_start, w_end, first, "skipped", "catch-up", 0, 0, "[]",
+                f"{skipped} missed windows, from {iso(w_start)} up to {iso(last_start)}, were not exported: more "
+                f"than TOLLGATE_EXPORT_CATCHUP_MAX_WINDOWS ({self.settings.export_catchup_max_windows}) were due; "
+                "backfill them with POST /v1/logs/exports/schedules/{id}/backfill",
+                datetime.now(UTC), datetime.now(UTC), _version()))
+        for i, fire in enumerate(fires):
+            start, _ = window_of(fire, schedule.window_kind, tz)
+            if start not in todo:
+                cause = "schedule" if i == len(fires) - 1 and now - fire < timedelta(minutes=5) else "catch-up"
+                todo[start] = (fire, cause, 0)
+        return schedule, todo
+
+    def _run_window(self, schedule: q.ScheduleRow, fire: datetime, cause: str, attempts: int) -> q.RunRow:
+        with self._slots:
+            return self._run_window_now(schedule, fire, cause, attempts)
+
+    def _write_run(self, row: q.RunRow) -> q.RunRow:
+        with self.pool.borrow() as client:
+            return q.write_run(client, row)
+
+    def _run_window_now(self, schedule: q.ScheduleRow, fire: datetime, cause: str, attempts: int) -> q.RunRow:
         start, end = window_of(fire, schedule.window_kind, ZoneInfo(schedule.timezone))
-        run = q.write_run(client, q.RunRow(schedule.id, schedule.organisation_id, start, end, fire, "running", cause,
+        run = self._write_run(q.RunRow(schedule.id, schedule.organisation_id, start, end, fire, "running", cause,
                                            attempts, 0, "[]", "", datetime.now(UTC), None, _version()))
-        data = q.data_client(self.settings.warehouse_dsn)
+        data = None
         try:
+            data = q.data_client(self.settings.warehouse_dsn)
             dest = destination(self.settings, schedule.destination)
             rows, files = export_window(data, dest, schedule, start, end, self.settings)
             done = replace(run, status="success", row_count=rows, files=orjson.dumps(files).decode(),
@@ -323,8 +343,9 @@ class ScheduleService:
             done = replace(run, status="failed", error=f"{type(exc).__name__}: {exc}"[:2000],
                            finished_at=datetime.now(UTC), version=_version())
         finally:
-            data.close()
-        return q.write_run(client, done)
+            if data is not None:
+                data.close()
+        return self._write_run(done)
 
     def request_backfill(self, client, schedule: q.ScheduleRow, start: datetime, end: datetime,
                          now: datetime | None = None) -> list[q.RunRow]:

@@ -493,3 +493,15 @@ def test_cli_create_start_status_download(settings, tmp_path, dataset, make_key)
         bad = subprocess.run([sys.executable, "-m", "tollgate.cli", "export", "start", export_id, "--url", url], env=env,
                              capture_output=True, text=True, timeout=60)
         assert bad.returncode == 1 and "HTTP 409" in bad.stderr
+
+
+def test_a_destination_that_fails_makes_a_failed_export_with_its_reason(settings, s3, dataset, make_key):
+    key = make_key(dataset["org"])
+    with make_client(settings, **{**s3.settings(), "export_s3_bucket": "no-such-bucket"}) as api:
+        export_id = create(api, key, WINDOW, ["id"], "parquet").json()["id"]
+        assert api.post(f"/v1/logs/exports/{export_id}/start", headers=h(key)).status_code == 200
+        assert wait_until(lambda: api.get(f"/v1/logs/exports/{export_id}", headers=h(key)).json()["status"] != "in_progress")
+        item = api.get(f"/v1/logs/exports/{export_id}", headers=h(key)).json()
+        assert item["status"] == "failed" and "NoSuchBucket" in item["error"] and item["files"] == []
+        assert api.get(f"/v1/logs/exports/{export_id}/download", headers=h(key)).status_code == 409
+        assert s3.keys(f"tg/exports/{export_id}/") == []

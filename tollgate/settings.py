@@ -93,7 +93,9 @@ class Settings(BaseSettings):
     export_signing_secret: str | None = Field(
         None, description="HMAC secret of local download URLs; unset = generated once into <data dir>/export-signing.key."
     )
-    export_workers: int = Field(2, ge=1, description="Exports that run at once in one API process; more wait their turn.")
+    export_workers: int = Field(
+        2, ge=1, description="Exports that run at once in one API process, and scheduled windows at once; more wait their turn."
+    )
     export_schedule_sync_seconds: float = Field(5.0, gt=0, description="How often the scheduler re-reads the schedules.")
     export_catchup_max_windows: int = Field(
         1_000, ge=1, description="Most missed windows one schedule catches up at once; older ones are recorded as skipped."

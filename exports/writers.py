@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -131,9 +130,9 @@ class JsonlPart(_Part):
             if chunk.null_count:
                 raise ValueError("a JSONL line is null")
             _, offsets, data = chunk.buffers()
-            dtype = np.int64 if pa.types.is_large_string(chunk.type) or pa.types.is_large_binary(chunk.type) else np.int32
-            offs = np.frombuffer(offsets, dtype=dtype, count=len(chunk) + 1, offset=chunk.offset * np.dtype(dtype).itemsize)
-            start, end = int(offs[0]), int(offs[-1])
+            large = pa.types.is_large_string(chunk.type) or pa.types.is_large_binary(chunk.type)
+            offs = memoryview(offsets).cast("q" if large else "i")
+            start, end = offs[chunk.offset], offs[chunk.offset + len(chunk)]
             if end > start:
                 self.sink.write(memoryview(data)[start:end])
 

@@ -35,6 +35,16 @@ def cmd_migrate(args) -> int:
     return 0
 
 
+def cmd_settle(args) -> int:
+    from warehouse.client import connect
+    from warehouse.settle import settle
+
+    s = _settings(args)
+    done = settle(connect(s.warehouse_dsn), max_days=args.max_days)
+    print(f"settled {len(done)} day(s)" + (": " + ", ".join(str(d.day) for d in done) if done else ""))
+    return 0
+
+
 def cmd_ingest(args) -> int:
     from tollgate.stack import run_ingest
 
@@ -132,6 +142,11 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("migrate", help="apply pending warehouse migrations")
     m.add_argument("--data-dir")
     m.set_defaults(func=cmd_migrate)
+
+    st = sub.add_parser("settle", help="merge each ended day of generations into one part (cheap FINAL reads)")
+    st.add_argument("--max-days", type=int, help="settle at most this many days, newest first")
+    st.add_argument("--data-dir")
+    st.set_defaults(func=cmd_settle)
 
     i = sub.add_parser("ingest", help="run ingest consumers only (production role)")
     i.add_argument("--workers", type=int)

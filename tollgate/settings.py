@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     # -- warehouse -----------------------------------------------------------
     retention_days: int = Field(365, ge=0, description="TTL of generations in days; 0 keeps rows forever.")
     audit_retention_days: int = Field(365, ge=0, description="TTL of audit_logs in days; 0 keeps rows forever.")
+    settle_interval_seconds: float = Field(
+        300.0, ge=0, description="How often `tollgate up` merges each ended day of generations into one part; 0 = never."
+    )
+    settle_max_days: int = Field(31, ge=1, description="Most days one settle pass merges (newest first).")
 
     # -- audit trail -------------------------------------------------------------
     trusted_proxies: Annotated[list[str], NoDecode] = Field(

@@ -1,6 +1,6 @@
 """Export throughput and peak RSS on 10 million generations.
 
-    .venv/bin/python benchmarks/export.py [--rows 10000000] [--keep DIR] [--phases a,b,…] [--part-rows N]
+    .venv/bin/python benchmarks/export.py [--rows 10000000] [--keep DIR] [--phases a,b,…] [--part-rows N] [--settle]
 
 1. Load, in a child process: the migrations on an embedded warehouse (chdb) in a temp data
    dir, then ``--rows`` generations generated inside ClickHouse by benchmarks/analytics.py's
@@ -16,6 +16,9 @@
    - ``s3-metrics`` / ``s3-bodies``: the same to moto's S3 server (server mode, loopback,
      in its own process: the S3 side's memory is not the exporter's) by multipart upload.
    Every phase checks the export holds ``--rows`` rows (manifest, file sizes).
+   ``--settle`` first merges each day into one part, as ``tollgate up``'s settle job does
+   for ended days (then FINAL has nothing to merge); without it the days are as the
+   inserts left them.
 3. Prints rows/s, MB/s, files and peak RSS per phase, the targets (≥ 1,000,000 rows/s for
    metric columns to local Parquet; peak RSS < 1 GiB in every phase), the machine's load,
    and a final JSON line.
@@ -102,6 +105,18 @@ def load(data_dir: Path, rows: int) -> dict:
     return info
 
 
+def settle_days(data_dir: Path) -> dict:
+    """What `tollgate up`'s settle job does for ended days (warehouse/settle.py): one part per day."""
+    from warehouse.client import connect
+    from warehouse.settle import settle
+
+    client = connect(f"chdb://{(data_dir / 'warehouse').resolve()}")
+    t0 = time.perf_counter()
+    days = settle(client)
+    parts = int(client.command("SELECT count() FROM system.parts WHERE table = 'generations' AND active"))
+    return {"settled_days": len(days), "seconds": round(time.perf_counter() - t0, 1), "active_parts": parts}
+
+
 # --------------------------------------------------------------------------- phases (child)
 
 
@@ -167,6 +182,8 @@ def child(args) -> int:
     s3 = json.loads(args.s3) if args.s3 else None
     if args.phase == "load":
         out = load(data_dir, args.rows)
+    elif args.phase == "settle":
+        out = settle_days(data_dir)
     elif args.phase == "baseline":
         out = phase_baseline(data_dir, args.part_rows)
     else:
@@ -226,6 +243,8 @@ def main() -> int:
     ap.add_argument("--keep", help="load into (or reuse) this data dir and leave it")
     ap.add_argument("--phases", default=",".join(PHASES))
     ap.add_argument("--part-rows", type=int, default=1_000_000)
+    ap.add_argument("--settle", action="store_true",
+                    help="merge each loaded day into one part first, as `tollgate up`'s settle job does for ended days")
     ap.add_argument("--_phase")
     ap.add_argument("--_data-dir")
     ap.add_argument("--_s3")
@@ -242,6 +261,8 @@ def main() -> int:
         print(f"loading {args.rows:,} generations into {data_dir} …", flush=True)
         loaded = run_child("load", data_dir, args.rows, args.part_rows, None)
         print(f"load: {loaded}", flush=True)
+        if args.settle:
+            print(f"settle: {run_child('settle', data_dir, args.rows, args.part_rows, None)}", flush=True)
         phases = [p for p in args.phases.split(",") if p]
         s3 = None
         if any(p.startswith("s3") for p in phases):

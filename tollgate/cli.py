@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -191,10 +192,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# Roles that run until a signal and may hold the embedded engine. They shut down in
+# order themselves (drain, insert, commit, close); then the process ends without the
+# interpreter's teardown, in which chdb's exit-time shutdown has failed ("The
+# ShutdownTablesThreadPool is not initialized") and turned a clean stop into exit 1.
+SERVICE_COMMANDS = {"up", "ingest", "api", "limits"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    code = args.func(args)
+    if args.command in SERVICE_COMMANDS:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

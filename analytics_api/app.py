@@ -9,6 +9,7 @@ from analytics_api.auth import KeyVerifier
 from analytics_api.publish import Publisher
 from analytics_api.routers import analytics, api_keys, custom_logs, feedback, health, logs
 from analytics_api.routers import audit_logs
+from analytics_api.routers import policies
 from tollgate.settings import Settings
 from warehouse.client import ClientPool
 
@@ -31,5 +32,6 @@ def create_app(settings: Settings, bootstrap: str | None = None, pool_size: int 
     for router in (health.router, logs.router, custom_logs.router, analytics.router, feedback.router, api_keys.router):
         app.include_router(router, prefix="/v1")
     app.include_router(audit_logs.router, prefix="/v1")
+    app.include_router(policies.router, prefix="/v1")
     audit.install(app, settings)  # every mutating request leaves an audit record (analytics_api/audit.py)
     return app

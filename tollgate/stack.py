@@ -20,6 +20,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from analytics_api.app import create_app
 from analytics_api.auth import SCOPES, hash_key, new_key
+from analytics_api.limits import job as limits
 from ingest.producer import ensure_topics
 from ingest.processes import IngestProcesses
 from tollgate.broker import EmbeddedBroker
@@ -127,6 +128,7 @@ def up(settings: Settings, host: str, port: int, ingest_workers: int | None = No
             bootstrap = broker.bootstrap
             say(f"embedded Kafka broker (Tansu) on {bootstrap}")
         ensure_topics(bootstrap, settings.all_topics, settings.topic_partitions)
+        ensure_topics(bootstrap, list(settings.limit_topics), settings.topic_partitions, configs=settings.limit_topics)
 
         client = connect(settings.warehouse_dsn)
         applied = migrate(client, settings.retention_days, audit_retention_days=settings.audit_retention_days)
@@ -138,6 +140,8 @@ def up(settings: Settings, host: str, port: int, ingest_workers: int | None = No
         cleanup.callback(workers.stop)  # runs before the broker stops: drain, insert, commit
 
         scheduler = BackgroundScheduler(timezone="UTC")
+        limits_job = limits.schedule(scheduler, settings, bootstrap)  # counters, alerts, the state feed
+        cleanup.callback(limits_job.close)
         scheduler.start()
         cleanup.callback(scheduler.shutdown, wait=True)
 

@@ -115,3 +115,242 @@ def test_counts_what_was_published(lapi, lsettings, workers, warehouse, producer
     assert {k: v["status"] for k, v in got.items()} == {k: "exhausted" if v >= 50 else "active" for k, v in expected.items()}
     assert report.value_keys == 3
     job.close()
+
+
+# --------------------------------------------------------------------------- reading the job's topics
+
+
+class Tail:
+    """Every record of a topic, from its start: ``read()`` returns those that arrived since the last call."""
+
+    def __init__(self, bootstrap: str, topic: str):
+        from kafka import KafkaConsumer, TopicPartition
+
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                      fetch_max_wait_ms=100)
+        assert wait_until(lambda: self.consumer.partitions_for_topic(topic))
+        tps = [TopicPartition(topic, p) for p in sorted(self.consumer.partitions_for_topic(topic))]
+        self.consumer.assign(tps)
+        self.consumer.seek_to_beginning(*tps)
+
+    def read(self) -> list:
+        out, quiet = [], 0
+        while quiet < 2:
+            batch = self.consumer.poll(timeout_ms=300)
+            quiet = 0 if batch else quiet + 1
+            for records in batch.values():
+                out.extend(records)
+        return out
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def state_view(records) -> dict[str, dict | None]:
+    """The compacted view: the last record per key (None: a tombstone)."""
+    view: dict[str, dict | None] = {}
+    for r in records:
+        view[r.key.decode()] = None if r.value is None else orjson.loads(r.value)
+    return view
+
+
+# --------------------------------------------------------------------------- the scenario
+
+USERS = ["alice", "bob", "josé", "ユーザー", "a|b", "x\\y", "Zoë 🚀"]
+
+
+def stage(org, rng, n, lo: str, hi: str, **fixed) -> list[dict]:
+    t0, t1 = datetime.fromisoformat(lo).replace(tzinfo=UTC), datetime.fromisoformat(hi).replace(tzinfo=UTC)
+    span = int((t1 - t0).total_seconds() * 1000)
+    out = []
+    for _ in range(n):
+        at = t0 + timedelta(milliseconds=rng.randrange(span))
+        args = dict(workspace=rng.choice(["ws-a", "ws-a", "ws-b"]), api_key=rng.choice(["ak-1", "ak-2", "ak-3", "ak-4"]),
+                    user=rng.choice(USERS), team=rng.choice(["red", "blue", ""]), env=rng.choice(["prod", "prod", "dev"]),
+                    cost=round(rng.uniform(1, 20), 4), tokens=rng.randrange(50, 500))
+        args.update(fixed)
+        out.append(log(org, at.isoformat().replace("+00:00", ""), rng=rng, **args))
+    return out
+
+
+POLICIES = {
+    "month": {"conditions": [{"key": "workspace_id", "value": "ws-a"}], "group_by": [{"key": "api_key"}],
+              "type": "cost", "credit_limit": 150, "alert_threshold": 100, "periodic_reset": "monthly"},
+    "week": {"conditions": [{"key": "metadata.env", "value": "prod"}], "group_by": [{"key": "metadata._user"}],
+             "type": "tokens", "credit_limit": 2500, "alert_threshold": 1500, "periodic_reset": "weekly"},
+    "cumulative": {"conditions": [{"key": "organisation_id", "value": "{org}"}],
+                   "group_by": [{"key": "workspace_id"}, {"key": "metadata.team"}], "type": "cost", "credit_limit": 400},
+}
+
+
+class Scenario:
+    """The published events, the policies and the reference windows, as the clock moves."""
+
+    def __init__(self, api, key, org, clock, lsettings, producer, warehouse):
+        self.api, self.key, self.org, self.clock = api, key, org, clock
+        self.settings, self.producer, self.warehouse = lsettings, producer, warehouse
+        self.events: list[dict] = []
+        self.sent = 0
+        self.ids: dict[str, str] = {}
+        self.spec: dict[str, dict] = {}
+        self.created_ms: dict[str, int] = {}
+        self.resets: dict[str, dict[str, int]] = {}
+
+    def create(self, name, kind, body):
+        body = orjson.loads(orjson.dumps(body).replace(b"{org}", self.org.encode()))
+        self.ids[name] = create(self.api, self.key, kind, body)
+        self.spec[name] = body
+        self.created_ms[name] = ms(self.clock())
+
+    def publish(self, events, again: list[dict] = ()):
+        self.events += events
+        publish(self.producer, self.settings.topic_gateway_logs, [*events, *again])
+        self.sent += len(events) + len(again)
+        unique = len({e["_id"] for e in self.events})
+        assert wait_until(lambda: count_generations(self.warehouse, self.org) == unique, timeout=60)
+
+    def window(self, name, now_ms) -> tuple[int, int | None]:
+        from analytics_api.limits.counters import period  # only the calendar arithmetic
+
+        start, end = period(self.spec[name].get("periodic_reset") or "", now_ms)
+        return max(start or 0, self.created_ms[name]), end
+
+    def expected(self, name) -> dict[str, float]:
+        spec, now_ms = self.spec[name], ms(self.clock())
+        start, end = self.window(name, now_ms)
+        resets = {vk: at for vk, at in self.resets.get(name, {}).items() if at > start}
+        return usage(events_frame(self.events), org=self.org, conditions=[(c["key"], c["value"]) for c in spec["conditions"]],
+                     group_by=[g["key"] for g in spec["group_by"]], measure=spec["type"], start_ms=start, end_ms=end,
+                     resets=resets)
+
+    def check(self, name) -> dict[str, float]:
+        """The API's entities of policy ``name`` equal the reference (keys seen earlier are listed at 0)."""
+        expected = self.expected(name)
+        got = entities(self.api, self.key, self.ids[name])
+        used = {k: e["current_usage"] for k, e in got.items() if e["current_usage"] != 0}
+        assert used == pytest.approx(expected, abs=1e-6), name
+        limit = self.spec[name]["credit_limit"]
+        for k, e in got.items():
+            assert e["status"] == ("exhausted" if e["current_usage"] >= limit else "active"), (name, k, e)
+        assert expected, f"{name}: the scenario must give this policy usage"
+        return expected
+
+
+def test_counters_follow_periods_resets_late_events_and_redelivery(lapi, lsettings, workers, warehouse, producer, make_key,
+                                                                    org, clock):
+    key = make_key(org)
+    rng = random.Random(2026)
+    s = Scenario(lapi, key, org, clock, lsettings, producer, warehouse)
+    clock.set("2026-10-28T12:00:00")
+    for name, body in POLICIES.items():
+        s.create(name, "usage-limits", body)
+    alerts, states = Tail(lsettings.kafka_bootstrap, lsettings.topic_limit_alerts), Tail(lsettings.kafka_bootstrap, lsettings.topic_limits_state)
+    expected_alerts: set[tuple] = set()
+    job = new_job(lsettings, clock, org)
+
+    def run(at: str) -> dict[str, dict[str, float]]:
+        clock.set(at)
+        job.run_once()
+        seen = {}
+        for name in POLICIES:
+            seen[name] = s.check(name)
+            spec, now_ms = s.spec[name], ms(clock())
+            start, _ = s.window(name, now_ms)
+            for vk, amount in seen[name].items():
+                window = max(start, s.resets.get(name, {}).get(vk, 0), s.created_ms[name])
+                if spec.get("alert_threshold") is not None and amount >= spec["alert_threshold"]:
+                    expected_alerts.add((s.ids[name], vk, window, "threshold"))
+                if amount >= spec["credit_limit"]:
+                    expected_alerts.add((s.ids[name], vk, window, "exhausted"))
+        return seen
+
+    # stage 1: events before the policies existed (not counted) and up to Oct 30 10:00
+    s.publish(stage(org, rng, 8, "2026-10-27T00:00:00", "2026-10-28T12:00:00")
+              + stage(org, rng, 50, "2026-10-28T12:00:00", "2026-10-30T10:00:00"))
+    a = run("2026-10-30T10:00:00")
+    exhausted_in_october = {vk for vk, v in a["month"].items() if v >= 150}
+
+    # stage 2: up to Nov 1 08:00, straddling the month boundary by a millisecond each side
+    s.publish(stage(org, rng, 50, "2026-10-30T10:00:00", "2026-11-01T08:00:00")
+              + [log(org, "2026-10-31T23:59:59.999", rng=rng, api_key="ak-1", cost=40),
+                 log(org, "2026-11-01T00:00:00.000", rng=rng, api_key="ak-1", cost=3)])
+    records = states.read()
+    october = run("2026-10-31T23:59:59.000")
+    exhausted_in_october |= {vk for vk, v in october["month"].items() if v >= 150}
+    assert exhausted_in_october, "some api key must exhaust the monthly limit in October"
+    before = state_view(states.read())
+    for vk in exhausted_in_october:
+        assert before[f"{s.ids['month']}:{vk}"]["status"] == "exhausted"
+    b = run("2026-11-01T08:00:00")
+    # a new month starts at zero: the October records of the monthly policy are tombstoned
+    after = state_view(states.read())
+    for vk in exhausted_in_october:
+        if b["month"].get(vk, 0) < 150:
+            assert after[f"{s.ids['month']}:{vk}"] is None, vk
+
+    # resets in mid-period: by entity id, and by reset_usage_for_value (a bare value, one group_by key)
+    clock.set("2026-11-01T12:00:00")
+    ent = entities(lapi, key, s.ids["month"])["api_key:ak-1"]
+    assert call(lapi, "PUT", f"/usage-limits/{s.ids['month']}/entities/{ent['id']}/reset", key).status_code == 200
+    s.resets.setdefault("month", {})["api_key:ak-1"] = ms(clock())
+    clock.set("2026-11-01T13:00:00")
+    assert call(lapi, "PUT", f"/usage-limits/{s.ids['week']}", key, {"reset_usage_for_value": "alice"}).status_code == 200
+    s.resets.setdefault("week", {})["metadata._user:alice"] = ms(clock())
+
+    # stage 3: up to Nov 2 09:00, straddling the ISO week boundary; some events delivered twice
+    third = stage(org, rng, 60, "2026-11-01T08:00:00", "2026-11-02T09:00:00") + [
+        log(org, "2026-11-01T23:59:59.999", rng=rng, user="alice", tokens=300),
+        log(org, "2026-11-02T00:00:00.000", rng=rng, user="alice", tokens=200)]
+    s.publish(third, again=rng.sample(third, 10))
+    run("2026-11-01T18:00:00")
+    c = run("2026-11-02T09:00:00")
+    assert "metadata._user:alice" in c["week"]
+
+    # stage 4: late events with old timestamps (closed days), and a redelivery of stage 3
+    late = (stage(org, rng, 6, "2026-11-01T14:00:00", "2026-11-01T16:00:00", workspace="ws-a", api_key="ak-1")
+            + stage(org, rng, 4, "2026-10-29T00:00:00", "2026-10-29T06:00:00")
+            + stage(org, rng, 5, "2026-11-02T08:00:00", "2026-11-02T08:59:00", env="prod"))
+    s.publish(late, again=third[:15])
+    d = run("2026-11-03T10:00:00")
+    late_month = sum(e["metrics"]["cost"] for e in late[:6])
+    assert d["month"]["api_key:ak-1"] >= late_month - 1e-9  # the late events on a closed day are counted
+
+    # the same instant again, and after a restart: nothing changes, no alert is decided twice
+    job.run_once()
+    job.close()
+    job = new_job(lsettings, clock, org)
+    report = job.run_once()
+    assert report.alerts_decided == 0 and report.counters_written == 0
+    for name in POLICIES:
+        s.check(name)
+
+    # alerts: exactly one per (policy, value key, alert window, kind), none missing
+    got = [orjson.loads(r.value) for r in alerts.read()]
+    keys = [(a["policy_id"], a["value_key"], ms(datetime.fromisoformat(a["alert_window_start"].replace("Z", "+00:00"))), a["kind"])
+            for a in got]
+    assert len(keys) == len(set(keys)), "an alert was published twice"
+    assert set(keys) == expected_alerts
+    assert {k[3] for k in keys} == {"threshold", "exhausted"}
+    # the flags agree
+    for name in ("month", "week"):
+        r = call(lapi, "GET", f"/usage-limits/{s.ids[name]}", key, include_usage="true")
+        assert r.status_code == 200
+        for vk, u in r.json()["value_key_usage_map"].items():
+            start, _ = s.window(name, ms(clock()))
+            window = max(start, s.resets.get(name, {}).get(vk, 0))
+            assert u["is_threshold_alerts_sent"] == ((s.ids[name], vk, window, "threshold") in expected_alerts), vk
+            assert u["is_exhausted_alerts_sent"] == ((s.ids[name], vk, window, "exhausted") in expected_alerts), vk
+
+    # the state feed: exactly the exhausted keys, with their usage
+    view = state_view(records + states.read())
+    live = {k: v for k, v in view.items() if v is not None}
+    wanted = {f"{s.ids[name]}:{vk}": amount for name in POLICIES for vk, amount in s.expected(name).items()
+              if amount >= POLICIES[name]["credit_limit"]}
+    assert wanted, "the scenario must end with exhausted keys"
+    assert set(live) == set(wanted)
+    for k, rec in live.items():
+        assert rec["current_usage"] == pytest.approx(wanted[k]) and rec["status"] == "exhausted"
+        assert rec["policy_kind"] == "usage_limits" and rec["organisation_id"] == org
+    job.close()
+    alerts.close()
+    states.close()

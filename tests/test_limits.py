@@ -354,3 +354,213 @@ def test_counters_follow_periods_resets_late_events_and_redelivery(lapi, lsettin
     job.close()
     alerts.close()
     states.close()
+
+
+# --------------------------------------------------------------------------- changing and archiving a policy
+
+
+def test_period_change_rebaselines_limit_change_rearms_and_archive_stops(lapi, lsettings, workers, warehouse, producer,
+                                                                         make_key, org, clock):
+    """Adding a period zeroes the spend from that instant (not at once "exhausted", LiteLLM #34492); a new limit
+    re-evaluates the status and re-arms the alerts; an archived policy stops counting and clears its records."""
+    key = make_key(org)
+    rng = random.Random(7)
+    s = Scenario(lapi, key, org, clock, lsettings, producer, warehouse)
+    clock.set("2026-10-28T12:00:00")
+    s.create("p", "usage-limits", {"conditions": [{"key": "workspace_id", "value": "ws-a"}], "group_by": [{"key": "api_key"}],
+                                   "type": "cost", "credit_limit": 100, "alert_threshold": 50})
+    alerts, states = Tail(lsettings.kafka_bootstrap, lsettings.topic_limit_alerts), Tail(lsettings.kafka_bootstrap, lsettings.topic_limits_state)
+    job = new_job(lsettings, clock, org)
+    sk = f"{s.ids['p']}:api_key:ak-1"
+
+    s.publish([log(org, f"2026-10-29T0{i}:00:00", rng=rng, cost=30) for i in range(4)])  # ak-1: 120 cents
+    clock.set("2026-10-30T10:00:00")
+    job.run_once()
+    assert s.check("p") == {"api_key:ak-1": pytest.approx(120)}
+    assert state_view(states.read())[sk]["status"] == "exhausted"
+    assert sorted(a["kind"] for a in map(lambda r: orjson.loads(r.value), alerts.read())) == ["exhausted", "threshold"]
+
+    # cumulative → monthly at 12:00: counting restarts from that instant, at zero
+    clock.set("2026-10-30T12:00:00")
+    assert call(lapi, "PUT", f"/usage-limits/{s.ids['p']}", key, {"periodic_reset": "monthly"}).status_code == 200
+    s.spec["p"]["periodic_reset"], s.created_ms["p"] = "monthly", ms(clock())
+    s.publish([log(org, "2026-10-30T12:05:00", rng=rng, cost=20), log(org, "2026-10-30T11:59:59.999", rng=rng, cost=500)])
+    clock.set("2026-10-30T12:30:00")
+    job.run_once()
+    assert s.check("p") == {"api_key:ak-1": pytest.approx(20)}
+    assert state_view(states.read())[sk] is None  # cleared: tombstone
+    assert alerts.read() == []
+
+    # a lower limit: exhausted at once, and the alerts of the new limits are sent (once)
+    clock.set("2026-10-30T13:00:00")
+    r = call(lapi, "PUT", f"/usage-limits/{s.ids['p']}", key, {"credit_limit": 10})
+    assert r.status_code == 422 and "credit_limit" in r.text  # the threshold (50) must stay below the limit
+    assert call(lapi, "PUT", f"/usage-limits/{s.ids['p']}", key, {"credit_limit": 10, "alert_threshold": 5}).status_code == 200
+    s.spec["p"].update(credit_limit=10, alert_threshold=5)
+    clock.set("2026-10-30T13:10:00")
+    job.run_once()
+    job.run_once()
+    assert s.check("p") == {"api_key:ak-1": pytest.approx(20)}
+    rec = state_view(states.read())[sk]
+    assert rec["status"] == "exhausted" and rec["limit"] == 10.0
+    got = [orjson.loads(r.value) for r in alerts.read()]
+    assert sorted(a["kind"] for a in got) == ["exhausted", "threshold"]
+    assert {a["alert_window_start"] for a in got} == {"2026-10-30T13:00:00.000Z"}
+
+    # a higher limit clears it; the name alone changes nothing
+    clock.set("2026-10-30T14:00:00")
+    assert call(lapi, "PUT", f"/usage-limits/{s.ids['p']}", key, {"credit_limit": 1000, "name": "big"}).status_code == 200
+    s.spec["p"]["credit_limit"] = 1000
+    job.run_once()
+    assert s.check("p") == {"api_key:ak-1": pytest.approx(20)}
+    assert state_view(states.read())[sk] is None
+    got = call(lapi, "GET", f"/usage-limits/{s.ids['p']}", key).json()
+    assert (got["name"], got["credit_limit"], got["alert_threshold"], got["periodic_reset"]) == ("big", 1000.0, 5.0, "monthly")
+
+    # exhausted again, then archived: the record is cleared and counting stops
+    assert call(lapi, "PUT", f"/usage-limits/{s.ids['p']}", key, {"credit_limit": 15}).status_code == 200
+    job.run_once()
+    assert state_view(states.read())[sk]["status"] == "exhausted"
+    assert call(lapi, "DELETE", f"/usage-limits/{s.ids['p']}", key).status_code == 200
+    assert call(lapi, "GET", f"/usage-limits/{s.ids['p']}", key).status_code == 404
+    assert call(lapi, "DELETE", f"/usage-limits/{s.ids['p']}", key).status_code == 404
+    s.publish([log(org, "2026-10-30T14:30:00", rng=rng, cost=30)])
+    clock.set("2026-10-30T15:00:00")
+    report = job.run_once()
+    assert report.policies == 0
+    assert state_view(states.read())[sk] is None
+    archived = call(lapi, "GET", f"/usage-limits/{s.ids['p']}", key, status="archived", include_usage="true").json()
+    assert archived["status"] == "archived"
+    assert archived["value_key_usage_map"]["api_key:ak-1"]["current_usage"] == pytest.approx(20)  # as when archived
+    listed = call(lapi, "GET", "/usage-limits", key, status="archived").json()
+    assert [p["id"] for p in listed["data"]] == [s.ids["p"]]
+    assert call(lapi, "GET", "/usage-limits", key).json()["total"] == 0
+
+    # every change is a version of its own
+    from warehouse.queries import policies as pq
+    versions = pq.history(warehouse, org, s.ids["p"])
+    assert [v.status for v in versions] == ["active"] * 5 + ["archived"]
+    assert [v.periodic_reset for v in versions] == ["", "monthly", "monthly", "monthly", "monthly", "monthly"]
+    assert len({v.version for v in versions}) == 6
+    for t in (alerts, states):
+        t.close()
+    job.close()
+
+
+# --------------------------------------------------------------------------- rate limits
+
+
+def test_rate_limits_count_sliding_windows(lapi, lsettings, workers, warehouse, producer, make_key, org, clock):
+    key = make_key(org)
+    rng = random.Random(11)
+    clock.set("2026-11-03T09:00:00")
+    rpm = create(lapi, key, "rate-limits", {"conditions": [{"key": "workspace_id", "value": "ws-a"}],
+                                            "group_by": [{"key": "api_key"}], "type": "requests", "unit": "rpm", "value": 3})
+    rph = create(lapi, key, "rate-limits", {"conditions": [{"key": "metadata.env", "value": "prod"}],
+                                            "group_by": [{"key": "metadata._user"}], "type": "tokens", "unit": "rph", "value": 1000})
+    events = ([log(org, f"2026-11-03T09:59:{10 + 10 * i}", rng=rng, api_key="ak-2", user="josé", tokens=150) for i in range(4)]
+              + [log(org, "2026-11-03T09:59:05", rng=rng, api_key="ak-3", user="bob", tokens=100),
+                 log(org, "2026-11-03T09:58:59.999", rng=rng, api_key="ak-3", user="bob", tokens=100),  # outside the minute
+                 log(org, "2026-11-03T09:00:00.001", rng=rng, api_key="ak-4", user="josé", tokens=500),  # inside the hour
+                 log(org, "2026-11-03T09:00:00.000", rng=rng, api_key="ak-4", user="josé", tokens=999)])  # just outside
+    publish(producer, lsettings.topic_gateway_logs, events + events[:2])  # and two redelivered
+    assert wait_until(lambda: count_generations(warehouse, org) == len(events))
+    states = Tail(lsettings.kafka_bootstrap, lsettings.topic_limits_state)
+    job = new_job(lsettings, clock, org)
+    now = clock.set("2026-11-03T10:00:00")
+    job.run_once()
+    frame = events_frame(events)
+    for pid, conditions, group_by, measure, width in (
+            (rpm, [("workspace_id", "ws-a")], ["api_key"], "requests", 60_000),
+            (rph, [("metadata.env", "prod")], ["metadata._user"], "tokens", 3_600_000)):
+        expected = usage(frame, org=org, conditions=conditions, group_by=group_by, measure=measure,
+                         start_ms=ms(now) - width + 1, end_ms=ms(now) + 1)
+        got = entities(lapi, key, pid, kind="rate-limits")
+        assert {k: v["current_usage"] for k, v in got.items()} == expected
+        limit = 3 if pid == rpm else 1000
+        assert {k: v["status"] for k, v in got.items()} == {k: "rate_limited" if v >= limit else "active" for k, v in expected.items()}
+    assert expected == {"metadata._user:josé": 1100, "metadata._user:bob": 200}
+    view = state_view(states.read())
+    assert set(view) == {f"{rpm}:api_key:ak-2", f"{rph}:metadata._user:josé"}
+    rec = view[f"{rpm}:api_key:ak-2"]
+    assert (rec["status"], rec["current_usage"], rec["limit"], rec["unit"], rec["window_seconds"], rec["policy_kind"]) == (
+        "rate_limited", 4, 3, "rpm", 60, "rate_limits")
+    assert rec["group"] == {"api_key": "ak-2"} and rec["conditions"] == [{"key": "workspace_id", "value": "ws-a"}]
+    assert call(lapi, "GET", f"/rate-limits/{rpm}/entities", key, status="rate_limited").json()["total"] == 1
+
+    # a raised limit clears the hourly breach at once
+    assert call(lapi, "PUT", f"/rate-limits/{rph}", key, {"value": 5000, "unit": "rph"}).status_code == 200
+    job.run_once()
+    view = state_view(states.read())
+    assert view == {f"{rph}:metadata._user:josé": None}
+    got = call(lapi, "GET", f"/rate-limits/{rph}", key).json()
+    assert (got["value"], got["unit"], got["type"], got["object"]) == (5000, "rph", "tokens", "policy_rate_limits")
+    # the minute slides on: ak-2 is cleared (tombstone) and no longer listed
+    clock.set("2026-11-03T10:01:30")
+    job.run_once()
+    assert state_view(states.read()) == {f"{rpm}:api_key:ak-2": None}
+    assert entities(lapi, key, rpm, kind="rate-limits") == {}
+    states.close()
+    job.close()
+
+
+# --------------------------------------------------------------------------- alert-once across crashes
+
+
+def test_alerts_are_published_once_across_crashes(lapi, lsettings, workers, warehouse, producer, make_key, org, clock):
+    """(1) Kafka is down when alerts become due: they are decided (pending) and published by the next job.
+    (2) A job died after publishing but before marking them sent: the next job finds them on the topic
+    and does not publish them again."""
+    from analytics_api.limits.feed import Feed
+    from tollgate.broker import free_port
+    from warehouse.queries import limits as lq
+
+    key = make_key(org)
+    rng = random.Random(3)
+    clock.set("2026-10-28T12:00:00")
+    pid = create(lapi, key, "usage-limits", {"conditions": [{"key": "workspace_id", "value": "ws-a"}],
+                                             "group_by": [{"key": "api_key"}], "type": "cost", "credit_limit": 100,
+                                             "alert_threshold": 50})
+    publish(producer, lsettings.topic_gateway_logs, [log(org, "2026-10-28T13:00:00", rng=rng, api_key="ak-1", cost=120),
+                                                     log(org, "2026-10-28T13:00:01", rng=rng, api_key="ak-2", cost=60)])
+    assert wait_until(lambda: count_generations(warehouse, org) == 2)
+    alerts, states = Tail(lsettings.kafka_bootstrap, lsettings.topic_limit_alerts), Tail(lsettings.kafka_bootstrap, lsettings.topic_limits_state)
+    clock.set("2026-10-28T14:00:00")
+
+    down = new_job(lsettings, clock, org)
+    down.feed = Feed(f"127.0.0.1:{free_port()}", lsettings.topic_limit_alerts, lsettings.topic_limits_state, timeout=1.0)
+    report = down.run_once()
+    assert report.alerts_decided == 3 and report.alerts_published == 0
+    rows = [r for r in lq.load_alerts(warehouse, [org])]
+    assert sorted((r["value_key"], r["kind"], r["state"]) for r in rows) == [
+        ("api_key:ak-1", "exhausted", "pending"), ("api_key:ak-1", "threshold", "pending"), ("api_key:ak-2", "threshold", "pending")]
+    assert alerts.read() == [] and states.read() == []
+    flags = call(lapi, "GET", f"/usage-limits/{pid}", key, include_usage="true").json()["value_key_usage_map"]
+    assert not flags["api_key:ak-1"]["is_exhausted_alerts_sent"]  # decided, not sent
+    down.close()  # the process "dies"
+
+    up = new_job(lsettings, clock, org)
+    report = up.run_once()
+    assert report.alerts_decided == 0
+    published = [orjson.loads(r.value) for r in alerts.read()]
+    assert sorted((a["value_key"], a["kind"]) for a in published) == [
+        ("api_key:ak-1", "exhausted"), ("api_key:ak-1", "threshold"), ("api_key:ak-2", "threshold")]
+    assert {r["alert_id"] for r in lq.load_alerts(warehouse, [org]) if r["state"] == "sent"} == {a["alert_id"] for a in published}
+    assert state_view(states.read())[f"{pid}:api_key:ak-1"]["status"] == "exhausted"  # the state record too
+    flags = call(lapi, "GET", f"/usage-limits/{pid}", key, include_usage="true").json()["value_key_usage_map"]
+    assert flags["api_key:ak-1"]["is_exhausted_alerts_sent"] and flags["api_key:ak-2"]["is_threshold_alerts_sent"]
+    assert not flags["api_key:ak-2"]["is_exhausted_alerts_sent"]
+    up.close()
+
+    # (2) roll ClickHouse back to "published, not yet marked sent" (pending, as a crash would leave it)
+    sent = lq.load_alerts(warehouse, [org])
+    lq.write_alerts(warehouse, [{**r, "state": "pending", "version": r["version"] + 1} for r in sent])
+    again = new_job(lsettings, clock, org)
+    report = again.run_once()
+    assert report.alerts_decided == 0 and report.alerts_published == 0
+    assert alerts.read() == []  # nothing published twice
+    assert {r["state"] for r in lq.load_alerts(warehouse, [org])} == {"sent"}
+    assert again.run_once().alerts_decided == 0
+    again.close()
+    alerts.close()
+    states.close()

@@ -43,7 +43,8 @@ class Feed:
                 raise KafkaError("no Kafka bootstrap configured")
             self._consumer = KafkaConsumer(bootstrap_servers=self.bootstrap.split(","), group_id=None,
                                            enable_auto_commit=False, fetch_max_wait_ms=100,
-                                           request_timeout_ms=int(self.timeout * 1000) + 5000)
+                                           request_timeout_ms=int(self.timeout * 1000) + 5000,
+                                           bootstrap_timeout_ms=int(self.timeout * 1000))
         return self._consumer
 
     def send(self, topic: str, records: list[tuple[bytes, bytes | None]]) -> None:

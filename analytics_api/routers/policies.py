@@ -87,6 +87,12 @@ class RateUpdate(BaseModel):
 IMMUTABLE = ("conditions", "group_by", "type", "workspace_id", "organisation_id")
 
 
+def bad(field: str, message: str):
+    """A 422 naming a body field (``conditions.0.key``), in FastAPI's error shape."""
+    loc = ("body", *(int(p) if p.isdigit() else p for p in field.split(".")))
+    return invalid(field, message, loc=loc)
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -138,42 +144,42 @@ def _check_key(key: str, where: str) -> None:
     if key.startswith(METADATA_PREFIX) and METADATA_NAME.fullmatch(key[len(METADATA_PREFIX):]):
         return
     if key.startswith(METADATA_PREFIX):
-        raise invalid(where, "a metadata key is 1 to 256 characters without `:`, `|` or `\\`")
-    raise invalid(where, f"unknown key `{key}`; {KEYS_HELP}")
+        raise bad(where, "a metadata key is 1 to 256 characters without `:`, `|` or `\\`")
+    raise bad(where, f"unknown key `{key}`; {KEYS_HELP}")
 
 
 def _check_shape(body: PolicyCreate, principal: Principal, workspace: str) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
     seen: set[str] = set()
     conditions = []
     for i, cond in enumerate(body.conditions):
-        _check_key(cond.key, f"conditions[{i}].key")
+        _check_key(cond.key, f"conditions.{i}.key")
         if cond.key in seen:
-            raise invalid(f"conditions[{i}].key", f"`{cond.key}` is given twice (all conditions must hold)")
+            raise bad(f"conditions.{i}.key", f"`{cond.key}` is given twice (all conditions must hold)")
         seen.add(cond.key)
         if cond.key == "organisation_id" and cond.value != principal.organisation_id:
-            raise invalid(f"conditions[{i}].value", "must be this API key's organisation (a policy only counts its own organisation)")
+            raise bad(f"conditions.{i}.value", "must be this API key's organisation (a policy only counts its own organisation)")
         if cond.key == "workspace_id" and workspace and cond.value != workspace:
-            raise invalid(f"conditions[{i}].value", f"must be the policy's workspace `{workspace}` (it only counts that workspace)")
+            raise bad(f"conditions.{i}.value", f"must be the policy's workspace `{workspace}` (it only counts that workspace)")
         conditions.append((cond.key, cond.value))
     group_by = []
     for i, g in enumerate(body.group_by):
-        _check_key(g.key, f"group_by[{i}].key")
+        _check_key(g.key, f"group_by.{i}.key")
         if g.key in group_by:
-            raise invalid(f"group_by[{i}].key", f"`{g.key}` is given twice")
+            raise bad(f"group_by.{i}.key", f"`{g.key}` is given twice")
         group_by.append(g.key)
     return tuple(conditions), tuple(group_by)
 
 
 def _whole(type_: str, field: str, value: float | None) -> None:
     if type_ != "cost" and value is not None and value != int(value):
-        raise invalid(field, f"must be a whole number of {type_}")
+        raise bad(field, f"must be a whole number of {type_}")
 
 
 def _check_limits(type_: str, credit_limit: float, alert_threshold: float | None, sent: str) -> None:
     _whole(type_, "credit_limit", credit_limit)
     _whole(type_, "alert_threshold", alert_threshold)
     if alert_threshold is not None and alert_threshold >= credit_limit:
-        raise invalid(sent, f"alert_threshold ({_amount(type_, alert_threshold)}) must be below credit_limit ({_amount(type_, credit_limit)})")
+        raise bad(sent, f"alert_threshold ({_amount(type_, alert_threshold)}) must be below credit_limit ({_amount(type_, credit_limit)})")
 
 
 def _workspace(principal: Principal, given: str | None) -> str:
@@ -208,7 +214,7 @@ def _refuse_immutable(payload: Any) -> None:
     if isinstance(payload, dict):
         for name in IMMUTABLE:
             if name in payload:
-                raise invalid(name, "cannot be changed; create a new policy (and delete this one) instead")
+                raise bad(name, "cannot be changed; create a new policy (and delete this one) instead")
 
 
 def _created(request: Request, principal: Principal, kind: str, body: PolicyCreate, **fields) -> dict:
@@ -291,7 +297,7 @@ def update_usage_policy(policyUsageLimitsId: str, request: Request, payload: Any
     if "name" in given:
         changes["name"] = body.name
     if "credit_limit" in given and body.credit_limit is None:
-        raise invalid("credit_limit", "must be a number, not null")
+        raise bad("credit_limit", "must be a number, not null")
     credit_limit = body.credit_limit if "credit_limit" in given else row.credit_limit
     threshold = body.alert_threshold if "alert_threshold" in given else row.alert_threshold
     _check_limits(row.type, credit_limit, threshold, "credit_limit" if "credit_limit" in given else "alert_threshold")
@@ -348,7 +354,7 @@ def _value_key_for(row: PolicyRow, text: str, field: str) -> str:
     if len(row.group_by) == 1 and text:
         return value_key([(row.group_by[0], text)])
     example = value_key([(k, "…") for k in row.group_by])
-    raise invalid(field, f"must be a value key of this policy (`{example}`)")
+    raise bad(field, f"must be a value key of this policy (`{example}`)")
 
 
 def _archive(request: Request, principal: Principal, kind: str, policy_id: str) -> dict:
@@ -410,7 +416,7 @@ def update_rate_policy(rateLimitsPolicyId: str, request: Request, payload: Any =
     body = validate_body(RateUpdate, payload)
     for name in ("unit", "value"):
         if name in body.model_fields_set and getattr(body, name) is None:
-            raise invalid(name, "must not be null")
+            raise bad(name, "must not be null")
     row = _load(request, principal, RATE, policy_id)
     changes = {k: getattr(body, k) for k in body.model_fields_set}
     if "value" in changes:

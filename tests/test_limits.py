@@ -564,3 +564,76 @@ def test_alerts_are_published_once_across_crashes(lapi, lsettings, workers, ware
     again.close()
     alerts.close()
     states.close()
+
+
+# --------------------------------------------------------------------------- the job under `tollgate up`
+
+
+def test_tollgate_up_refreshes_counters_and_the_state_feed(tmp_path):
+    """The scheduler of `tollgate up` runs the job at the default interval (5 s) with default ingest batching:
+    an event produced to the stack's broker shows in the counter and on the state topic. Prints the latency
+    (freshness: docs/limits.md); timings are not asserted (benchmarks/limits.py --freshness measures more)."""
+    import time
+
+    import httpx
+
+    from ingest.producer import make_producer
+    from tollgate.broker import free_port
+
+    port = free_port()
+    stack = _up(tmp_path, port, TOLLGATE_INGEST_BATCH_SECONDS="1.0")  # the defaults, not test_stack's 0.2
+    try:
+        stack.wait_ready()
+        key = stack.admin_key()
+        info = orjson.loads((tmp_path / "stack.json").read_bytes())
+        with httpx.Client(base_url=f"{stack.url}/v1/policies", headers={HEADER: key}, timeout=10) as http:
+            r = http.post("/usage-limits", json={"conditions": [{"key": "workspace_id", "value": "default"}],
+                                                 "group_by": [{"key": "api_key"}], "type": "cost", "credit_limit": 10})
+            assert r.status_code == 200, r.text
+            pid = r.json()["id"]
+            states = Tail(info["kafka_bootstrap"], "tollgate.limits-state")
+            states.read()
+            producer = make_producer(info["kafka_bootstrap"])
+            event = gateway_log("default-org", workspace="default", created_at=datetime.now(UTC), rng=random.Random(),
+                                api_key_id="ak-fresh", cost=50.0)
+            producer.send("tollgate.gateway-logs", orjson.dumps(event)).get(timeout=30)
+            produced = time.monotonic()
+            counter_at = state_at = None
+            deadline = produced + 60
+            while (counter_at is None or state_at is None) and time.monotonic() < deadline:
+                if counter_at is None:
+                    data = http.get(f"/usage-limits/{pid}/entities").json()["data"]
+                    if data and data[0]["current_usage"] == 50.0 and data[0]["status"] == "exhausted":
+                        counter_at = time.monotonic()
+                if state_at is None:
+                    records = [r for r in states.read() if r.key == f"{pid}:api_key:ak-fresh".encode()]
+                    if records and orjson.loads(records[-1].value)["status"] == "exhausted":
+                        state_at = time.monotonic()
+                time.sleep(0.05)
+            producer.close()
+            states.close()
+        assert counter_at is not None and state_at is not None
+        print(f"\nfreshness under `tollgate up` (interval 5 s, ingest batch 1 s): counter {counter_at - produced:.2f} s, "
+              f"state record {state_at - produced:.2f} s after the event was produced")
+        assert stack.stop() == 0
+    finally:
+        if stack.proc.poll() is None:
+            stack.proc.kill()
+
+
+def _up(data_dir, port: int, **env):
+    """`tollgate up` on ``data_dir`` with ``env`` added (test_stack's Stack, other settings)."""
+    import os
+    import subprocess
+    import threading
+
+    from test_stack import CLI, Stack
+
+    stack = Stack.__new__(Stack)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    stack.env = {**base, "TOLLGATE_DATA_DIR": str(data_dir), "TOLLGATE_RETENTION_DAYS": "0", **env}
+    stack.proc = subprocess.Popen([*CLI, "up", "--port", str(port)], env=stack.env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+    stack.lines, stack.ready, stack.url = [], threading.Event(), f"http://127.0.0.1:{port}"
+    threading.Thread(target=stack._read, daemon=True).start()
+    return stack

@@ -208,7 +208,9 @@ def test_responses_follow_the_spec(lapi, lsettings, workers, warehouse, producer
                                                          api_key="ak-9", cost=900)])
     assert wait_until(lambda: count_generations(warehouse, org) == 1)
     clock.set("2026-11-10T12:30:30")
-    new_job(lsettings, clock, org).run_once()
+    job = new_job(lsettings, clock, org)
+    job.run_once()
+    job.close()
 
     got = call(lapi, "GET", f"/usage-limits/{pid}", key, include_usage="true").json()
     valid(got, response_schema("/policies/usage-limits/{policyUsageLimitsId}"))
@@ -293,7 +295,9 @@ def test_user_values_are_bound_never_sql(lapi, lsettings, workers, warehouse, pr
                                                  "group_by": [{"key": "metadata.{scope_org}"}], "type": "cost",
                                                  "credit_limit": 1})
     clock.set("2026-11-10T12:20:00")
-    new_job(lsettings, clock, org).run_once()
+    job = new_job(lsettings, clock, org)
+    job.run_once()
+    job.close()
     for value, pid in zip(INJECTIONS, ids):
         escaped = value.replace("\\", "\\\\").replace("|", "\\|")
         assert {k: v["current_usage"] for k, v in entities(lapi, key, pid).items()} == {f"metadata._user:{escaped}": 5.0}

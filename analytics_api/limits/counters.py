@@ -148,23 +148,18 @@ def evaluate(policies: pl.DataFrame, usage: pl.DataFrame, resets: pl.DataFrame, 
     absent). ``known``: the last written counters (keys seen before keep a row, at 0
     when they have no usage in the current window). ``alerts``: alerts already decided.
     """
-    active_ids = policies.select("policy_id")
     keys = (
-        pl.concat([usage.select(KEY), known.select(KEY)])
-        .unique()
-        .join(active_ids, on="policy_id", how="semi")
-        .join(usage, on=KEY, how="left")
-        .join(policies, on="policy_id", how="inner")
+        usage.join(known.select(*KEY, known_entity_id="entity_id"), on=KEY, how="full", coalesce=True)
+        .join(policies, on="policy_id", how="inner")  # only active policies
         .join(resets, on=KEY, how="left")
-        .join(known.select(*KEY, pl.col("entity_id").alias("known_entity_id")), on=KEY, how="left")
     )
     is_usage = pl.col("kind") == USAGE
     # a reset counts from its instant, if it happened inside the current window
     reset_in_window = pl.col("reset_at").is_not_null() & (pl.col("reset_at") > pl.col("window_start"))
-    usage = pl.col("usage").fill_null(0.0)
+    amount = pl.col("usage").fill_null(0.0)
     keys = keys.with_columns(
         # cents to 1e-9 (float sums of per-day totals differ from one sum in the last bits); counts are integers
-        current_usage=pl.when(pl.col("type") == "cost").then(usage.round(9)).otherwise(usage.round(0)),
+        current_usage=pl.when(pl.col("type") == "cost").then(amount.round(9)).otherwise(amount.round(0)),
         window_start=pl.when(is_usage & reset_in_window).then(pl.col("reset_at")).otherwise(pl.col("window_start")),
     ).with_columns(
         alert_window=pl.when(is_usage).then(pl.max_horizontal("window_start", "limits_at")),
@@ -172,46 +167,46 @@ def evaluate(policies: pl.DataFrame, usage: pl.DataFrame, resets: pl.DataFrame, 
         .then(pl.when(is_usage).then(pl.lit(EXHAUSTED)).otherwise(pl.lit(RATE_LIMITED)))
         .otherwise(pl.lit(ACTIVE)),
     )
-    decided = alerts.select(*KEY, "alert_window", "kind")
-    for kind in (THRESHOLD, EXHAUSTED):
-        keys = keys.join(
-            decided.filter(pl.col("kind") == kind).select(*KEY, "alert_window", pl.lit(True).alias(f"{kind}_decided")),
-            on=[*KEY, "alert_window"], how="left",
-        ).with_columns(pl.col(f"{kind}_decided").fill_null(False))
+    keys = keys.join(_by_window(alerts, "threshold_decided", "exhausted_decided"), on=[*KEY, "alert_window"], how="left")
     threshold_due = (is_usage & pl.col("alert_threshold").is_not_null()
-                     & (pl.col("current_usage") >= pl.col("alert_threshold")) & ~pl.col("threshold_decided"))
-    exhausted_due = is_usage & (pl.col("status") == EXHAUSTED) & ~pl.col("exhausted_decided")
+                     & (pl.col("current_usage") >= pl.col("alert_threshold")) & ~pl.col("threshold_decided").fill_null(False))
+    exhausted_due = is_usage & (pl.col("status") == EXHAUSTED) & ~pl.col("exhausted_decided").fill_null(False)
     due = pl.concat([
         keys.filter(threshold_due).with_columns(kind=pl.lit(THRESHOLD), order=pl.lit(0)),
         keys.filter(exhausted_due).with_columns(kind=pl.lit(EXHAUSTED), order=pl.lit(1)),
     ]).sort("policy_id", "value_key", "order")
     # entity ids: kept for known keys, derived for new ones
-    new_ids = keys.filter(pl.col("known_entity_id").is_null()).select(KEY)
-    new_ids = new_ids.with_columns(entity_id=pl.Series(
-        [entity_id(p, v) for p, v in new_ids.iter_rows()], dtype=pl.String))
-    keys = keys.join(new_ids, on=KEY, how="left").with_columns(
-        entity_id=pl.coalesce("known_entity_id", "entity_id")).drop("known_entity_id")
+    new = keys.filter(pl.col("known_entity_id").is_null()).select(KEY)
+    new = new.with_columns(entity_id=pl.Series([entity_id(p, v) for p, v in new.iter_rows()], dtype=pl.String))
+    keys = (keys.join(new, on=KEY, how="left")
+            .with_columns(entity_id=pl.coalesce("known_entity_id", "entity_id"))
+            .drop("known_entity_id", "threshold_decided", "exhausted_decided"))
     return Evaluation(keys=keys, due_alerts=due)
+
+
+def _by_window(alerts: pl.DataFrame, threshold: str, exhausted: str) -> pl.DataFrame:
+    """One row per (policy, value key, alert window): whether its threshold / exhausted alert is in ``alerts``."""
+    return alerts.group_by(*KEY, "alert_window").agg(
+        (pl.col("kind") == THRESHOLD).any().alias(threshold), (pl.col("kind") == EXHAUSTED).any().alias(exhausted))
 
 
 def apply_flags(keys: pl.DataFrame, alerts: pl.DataFrame) -> pl.DataFrame:
     """``threshold_alert_sent`` / ``exhausted_alert_sent``: the key's alert of its current alert window was sent."""
-    sent = alerts.filter(pl.col("state") == "sent").select(*KEY, "alert_window", "kind")
-    for kind, flag in ((THRESHOLD, "threshold_alert_sent"), (EXHAUSTED, "exhausted_alert_sent")):
-        keys = keys.drop(flag, strict=False).join(
-            sent.filter(pl.col("kind") == kind).select(*KEY, "alert_window", pl.lit(True).alias(flag)),
-            on=[*KEY, "alert_window"], how="left",
-        ).with_columns(pl.col(flag).fill_null(False))
-    return keys
+    flags = ("threshold_alert_sent", "exhausted_alert_sent")
+    sent = _by_window(alerts.filter(pl.col("state") == "sent"), *flags)
+    return (keys.drop(*flags, strict=False).join(sent, on=[*KEY, "alert_window"], how="left")
+            .with_columns(pl.col(f).fill_null(False) for f in flags))
 
 
 def changed_counters(keys: pl.DataFrame, known: pl.DataFrame) -> pl.DataFrame:
-    """The counters whose usage, status, window or alert flags differ from the last written ones."""
-    cols = list(COUNTER_SCHEMA)
-    current = keys.select(cols)
-    if known.is_empty():
-        return current
-    return current.join(known.select(cols), on=cols, how="anti", nulls_equal=True)
+    """The counters (``COUNTER_SCHEMA`` plus kind and organisation) whose usage, status, window or alert flags
+    differ from the last written ones."""
+    compared = [c for c in COUNTER_SCHEMA if c not in KEY]
+    current = keys.select(*COUNTER_SCHEMA, "kind", "organisation_id")
+    before = known.select(*KEY, *(pl.col(c).alias(f"{c}_before") for c in compared))
+    joined = current.join(before, on=KEY, how="left")
+    differs = pl.any_horizontal(pl.col(c).ne_missing(pl.col(f"{c}_before")) for c in compared)
+    return joined.filter(differs).select(*COUNTER_SCHEMA, "kind", "organisation_id")
 
 
 # --------------------------------------------------------------------------- published payloads

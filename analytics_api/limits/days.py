@@ -23,8 +23,9 @@ A closed day is computed again (a new version) when:
 
 Sums: the total of a policy's closed days per value key is kept in memory and
 updated with the difference of the days that changed (ClickHouse sums the day rows
-with signs); a policy whose window start or resets changed is summed again from its
-day rows, and so is every policy at each day change (which also drops any float drift).
+with signs: a new closed day is added, a recomputed one replaces its old version); a
+policy whose window or resets changed, and every policy after a restart, is summed
+again from its day rows.
 
 Not seen: rows removed by a TTL merge (generations' retention), which keeps its part's
 block range and data version. They stay counted until their day is recomputed for
@@ -36,9 +37,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Callable
 
 import orjson
 import polars as pl
@@ -100,6 +103,20 @@ def _days_of(ranges: list[tuple[int, int]]) -> set[int]:
     return days
 
 
+def _closed_days(p: "PolicyDays", today: int) -> list[tuple[int, tuple[int, int, list[tuple[str, int]], int]]]:
+    """The closed days of ``p``'s window before day ``today``: (day, (start, end, resets inside, cuts hash))."""
+    out = []
+    for d in range(p.window_start // DAY_MS, today):
+        d0, d1 = d * DAY_MS, (d + 1) * DAY_MS
+        start = max(p.window_start, d0)
+        end = d1 if p.window_end is None else min(p.window_end, d1)
+        if start >= end:
+            continue
+        inside = [(vk, at) for vk, at in p.resets if d0 <= at < d1]
+        out.append((d, (start, end, inside, cuts_hash(start, end, inside))))
+    return out
+
+
 def cuts_hash(start: int, end: int, resets: list[tuple[str, int]]) -> int:
     text = orjson.dumps([start, end, sorted(resets)])
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
@@ -134,6 +151,9 @@ class ClosedDays:
     included: dict[str, tuple[tuple, dict[int, int]]] = field(default_factory=dict)
     today: int | None = None
     loaded: bool = False
+    cleaner: Callable[[], object] | None = None  # makes a client for the cleanup thread (None: no cleanup)
+    _plans: dict = field(default_factory=dict)
+    _cleaning: threading.Thread | None = None
 
     @property
     def snapshot_name(self) -> str:
@@ -148,7 +168,7 @@ class ClosedDays:
         self.index = q.load_day_index(self.client)
         text = q.get_job_state(self.client, self.snapshot_name)
         self.watch = PartsWatch.from_json(text) if text else PartsWatch()
-        self.totals, self.included, self.today = empty(TOTALS_SCHEMA), {}, None
+        self.totals, self.included, self.today, self._plans = empty(TOTALS_SCHEMA), {}, None, {}
         self.loaded = True
 
     def refresh(self, policies: list[PolicyDays], now_ms: int) -> tuple[pl.DataFrame, Stats]:
@@ -163,15 +183,16 @@ class ClosedDays:
         dirty_days = None if dirty is None else _days_of(dirty)
 
         needed: dict[tuple[str, int], tuple[int, int, list[tuple[str, int]], int]] = {}
+        plans: dict[tuple, list] = {}
         for p in policies:
-            for d in range(p.window_start // DAY_MS, today):
-                d0, d1 = d * DAY_MS, (d + 1) * DAY_MS
-                start = max(p.window_start, d0)
-                end = d1 if p.window_end is None else min(p.window_end, d1)
-                if start >= end:
-                    continue
-                inside = [(vk, at) for vk, at in p.resets if d0 <= at < d1]
-                needed[(p.policy_id, d)] = (start, end, inside, cuts_hash(start, end, inside))
+            plan_key = (p.policy_id, p.window_start, p.window_end, today, tuple(p.resets))
+            days = self._plans.get(plan_key)
+            if days is None:
+                days = _closed_days(p, today)
+            plans[plan_key] = days
+            for d, item in days:
+                needed[(p.policy_id, d)] = item
+        self._plans = plans
         todo = [k for k, v in needed.items()
                 if dirty_days is None or k[1] in dirty_days or self.index.get(k, (0, None))[1] != v[3]]
         if todo:
@@ -184,13 +205,32 @@ class ClosedDays:
 
         t0 = time.perf_counter()
         new_day = self.today != today
-        self._sum(policies, needed, full=new_day)
-        if new_day:
-            if self.today is not None:  # once a day: drop superseded versions and days no window needs
-                q.delete_stale_days(self.client, [(p, d, self.index[(p, d)][0]) for p, d in needed], self.organisations)
+        self._sum(policies, needed)
+        if new_day:  # once a day (and after a start): drop superseded versions and days no window needs
+            self._cleanup([(p, d, self.index[(p, d)][0]) for p, d in needed])
             self.today = today
         stats.sum_seconds = time.perf_counter() - t0
         return self.totals, stats
+
+    def _cleanup(self, keep: list[tuple[str, int, int]]) -> None:
+        """Delete closed-day rows that no longer count, on a thread with a client of its own (a mutation over
+        every stored day takes seconds). Safe alongside refreshes: ``keep`` holds every version the in-memory
+        totals may still subtract, and rows written later are in parts the mutation does not touch."""
+        if self.cleaner is None or (self._cleaning is not None and self._cleaning.is_alive()):
+            return
+
+        def run() -> None:
+            try:
+                q.delete_stale_days(self.cleaner(), keep, self.organisations)
+            except Exception:
+                log.exception("cleaning up closed days failed; the next day tries again")
+
+        self._cleaning = threading.Thread(target=run, name="limits-cleanup", daemon=True)
+        self._cleaning.start()
+
+    def close(self, timeout: float = 30.0) -> None:
+        if self._cleaning is not None:
+            self._cleaning.join(timeout)
 
     def _compute(self, todo: list[tuple[str, int]], needed: dict, policies: dict[str, PolicyDays], now_ms: int) -> None:
         by_day: dict[int, list[str]] = defaultdict(list)
@@ -215,7 +255,7 @@ class ClosedDays:
             for pid, d, v, h in index_rows:
                 self.index[(pid, d)] = (v, h)
 
-    def _sum(self, policies: list[PolicyDays], needed: dict, full: bool) -> None:
+    def _sum(self, policies: list[PolicyDays], needed: dict) -> None:
         desired: dict[str, dict[int, int]] = defaultdict(dict)
         for pid, d in needed:
             desired[pid][d] = self.index[(pid, d)][0]
@@ -229,7 +269,7 @@ class ClosedDays:
             included[p.policy_id] = (sig, want)
             reset_days += [(p.policy_id, vk, at // DAY_MS) for vk, at in p.resets]
             before = self.included.get(p.policy_id)
-            if full or before is None or before[0] != sig:
+            if before is None or before[0] != sig:
                 recompute.add(p.policy_id)
                 entries += [(p.policy_id, d, v, 1) for d, v in want.items()]
                 continue

@@ -98,7 +98,7 @@ class LimitsJob:
         self.client = client if client is not None else connect(settings.warehouse_dsn)
         self.feed = Feed(bootstrap, settings.topic_limit_alerts, settings.topic_limits_state)
         self.clock = clock
-        self.days = ClosedDays(self.client, self.organisations)
+        self.days = ClosedDays(self.client, self.organisations, cleaner=lambda: connect(settings.warehouse_dsn))
         self.known = c.empty(c.COUNTER_SCHEMA)  # the last written counters
         self.alerts = c.empty(c.ALERT_SCHEMA)  # every decided alert: KEY, alert_window, kind, state
         self.pending: dict[tuple, dict] = {}  # undelivered alerts → their row (with "attempted")
@@ -330,17 +330,16 @@ class LimitsJob:
         changed = c.changed_counters(keys, self.known)
         if changed.is_empty():
             return 0
-        out = changed.join(keys.select(*c.KEY, "kind", "organisation_id"), on=c.KEY, how="left").with_columns(
-            updated_at=pl.lit(now_ms, pl.Int64), version=pl.lit(time.time_ns(), pl.UInt64))
+        out = changed.with_columns(updated_at=pl.lit(now_ms, pl.Int64), version=pl.lit(time.time_ns(), pl.UInt64))
         q.write_counters(self.client, out.to_arrow())
-        known = pl.concat([self.known.join(changed, on=c.KEY, how="anti"), changed.select(list(c.COUNTER_SCHEMA))])
         # quiet rate-limit keys leave memory once written at 0 (their row stays)
-        rate_ids = keys.filter(pl.col("kind") == c.RATE).select("policy_id").unique()
-        quiet = known.join(rate_ids, on="policy_id", how="semi").filter(pl.col("current_usage") == 0).select(c.KEY)
-        self.known = known.join(quiet, on=c.KEY, how="anti")
+        quiet = changed.filter((pl.col("kind") == c.RATE) & (pl.col("current_usage") == 0)).select(c.KEY)
+        kept = changed.join(quiet, on=c.KEY, how="anti").select(list(c.COUNTER_SCHEMA))
+        self.known = pl.concat([self.known.join(changed.select(c.KEY), on=c.KEY, how="anti"), kept])
         return changed.height
 
     def close(self) -> None:
+        self.days.close()
         self.feed.close()
 
 

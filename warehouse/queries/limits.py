@@ -225,13 +225,15 @@ def plan(slots: list[Slot], resets: list[Reset] = ()) -> Plan:
             return branches[0][1]
         return "multiIf(" + ", ".join(f"shape = {idx}, {expr}" for idx, expr in branches[:-1]) + f", {branches[-1][1]})"
 
+    n_group = max(len(g) for _, g in shapes)
     cond_cols = [
         per_shape(lambda shape, j=j: dim_col[shape[0][j]] if j < len(shape[0]) else "''") + f" AS c{j}"
         for j in range(n_cond)
     ]
-    vkey = per_shape(lambda shape: "concat(" + ", '|', ".join(
-        f"'{k}:', {_sql_escape(dim_col[k])}" for k in shape[1]) + ")" if len(shape[1]) > 1 else
-        f"concat('{shape[1][0]}:', {_sql_escape(dim_col[shape[1][0]])})")
+    group_cols = [
+        per_shape(lambda shape, j=j: dim_col[shape[1][j]] if j < len(shape[1]) else "''") + f" AS g{j}"
+        for j in range(n_group)
+    ]
     grouped = per_shape(lambda shape: " AND ".join(f"{dim_col[k]} != ''" for k in shape[1]))
     rows = (
         f"SELECT organisation_id AS org, {', '.join(dim_sql)}, "
@@ -239,16 +241,20 @@ def plan(slots: list[Slot], resets: list[Reset] = ()) -> Plan:
         "ifNull(cost, 0) AS cost_c, total_units AS tokens_c "
         f"FROM generations FINAL WHERE organisation_id IN {{orgs:Array(String)}} AND {time_filter}"
     )
+    keys = ", ".join([*(f"c{j}" for j in range(n_cond)), *(f"g{j}" for j in range(n_group))])
     stage1 = (
-        f"SELECT org, shape, seg, {', '.join(cond_cols + [vkey + ' AS value_key'])}, "
+        f"SELECT org, shape, seg, {', '.join(cond_cols + group_cols)}, "
         "sum(cost_c) AS cost, sum(tokens_c) AS tokens, count() AS requests "
         f"FROM ({rows}) "
         "ARRAY JOIN arrayFilter(i -> seg >= {shape_first:Array(UInt32)}[i + 1] "
         "AND has({shape_orgs:Array(Array(String))}[i + 1], org), "
         f"range(toUInt32({len(shapes)}))) AS shape "
         f"WHERE {grouped} "
-        f"GROUP BY org, shape, seg, {', '.join(f'c{j}' for j in range(n_cond))}, value_key"
+        f"GROUP BY org, shape, seg, {keys}"
     )
+    # the value key is built per (slot, group), after the join: far fewer rows than generations
+    vkey = per_shape(lambda shape: "concat(" + ", '|', ".join(
+        f"'{k}:', {_sql_escape(f'g.g{j}')}" for j, k in enumerate(shape[1])) + ")").replace("shape =", "g.shape =")
     types = {"slot": "UInt32", "org": "String", "shape": "UInt32", "seg": "UInt32", "measure": "UInt8",
              **{f"c{j}": "String" for j in range(n_cond)}}
     names = list(pairs)
@@ -261,10 +267,10 @@ def plan(slots: list[Slot], resets: list[Reset] = ()) -> Plan:
     )
     on = " AND ".join(f"g.{n} = s.{n}" for n in ("org", "shape", "seg", *(f"c{j}" for j in range(n_cond))))
     sql = (
-        "SELECT s.slot AS slot, g.value_key AS value_key, "
+        f"SELECT s.slot AS slot, {vkey} AS value_key, "
         "sum(multiIf(s.measure = 0, g.cost, s.measure = 1, toFloat64(g.tokens), toFloat64(g.requests))) AS usage "
         f"FROM ({stage1}) AS g INNER JOIN ({slot_table}) AS s ON {on} "
-        "WHERE g.seg >= transform(concat(toString(s.slot), ':', g.value_key), {reset_keys:Array(String)}, "
+        "WHERE g.seg >= transform(concat(toString(s.slot), ':', value_key), {reset_keys:Array(String)}, "
         "{reset_segs:Array(UInt32)}, toUInt32(0)) "
         "GROUP BY slot, value_key"
     )

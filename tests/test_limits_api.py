@@ -244,6 +244,17 @@ def test_responses_follow_the_spec(lapi, lsettings, workers, warehouse, producer
     # an organisation-wide policy has no workspace (null: Tollgate's reading of the spec, as for API keys)
     org_wide = create(lapi, key, "usage-limits", USAGE)
     assert call(lapi, "GET", f"/usage-limits/{org_wide}", key).json()["workspace_id"] is None
+    assert call(lapi, "DELETE", f"/rate-limits/{rid}", key).json() == {}
+
+    # every change is in the audit trail, as the policy resource it changed
+    def audited():
+        return set(warehouse.query("SELECT resource_type, action, response_status_code FROM audit_logs FINAL "
+                                   "WHERE organisation_id = {o:String}", parameters={"o": org}).result_rows)
+    expected = {("usage_limits_policy", "create", 200), ("rate_limits_policy", "create", 200),
+                ("usage_limits_policy", "update", 200), ("rate_limits_policy", "update", 200),
+                ("usage_limits_policy", "reset", 200), ("usage_limits_policy", "reset", 404),
+                ("rate_limits_policy", "delete", 200)}
+    assert wait_until(lambda: expected <= audited()), audited()
 
 
 def test_tenancy(lapi, make_key, org):

@@ -200,12 +200,16 @@ def apply_flags(keys: pl.DataFrame, alerts: pl.DataFrame) -> pl.DataFrame:
 
 def changed_counters(keys: pl.DataFrame, known: pl.DataFrame) -> pl.DataFrame:
     """The counters (``COUNTER_SCHEMA`` plus kind and organisation) whose usage, status, window or alert flags
-    differ from the last written ones."""
+    differ from the last written ones (for rate limits: usage or status)."""
     compared = [c for c in COUNTER_SCHEMA if c not in KEY]
     current = keys.select(*COUNTER_SCHEMA, "kind", "organisation_id")
     before = known.select(*KEY, *(pl.col(c).alias(f"{c}_before") for c in compared))
     joined = current.join(before, on=KEY, how="left")
-    differs = pl.any_horizontal(pl.col(c).ne_missing(pl.col(f"{c}_before")) for c in compared)
+    # a sliding window moves at every refresh: a rate-limit counter is written when its usage or status changes
+    sliding = ("window_start", "window_end")
+    differs = pl.any_horizontal(
+        pl.col(c).ne_missing(pl.col(f"{c}_before")) & ((pl.col("kind") != RATE) | pl.lit(c not in sliding))
+        for c in compared)
     return joined.filter(differs).select(*COUNTER_SCHEMA, "kind", "organisation_id")
 
 

@@ -21,6 +21,7 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
 from analytics_api.auth import Principal, require
+from analytics_api.limits.counters import WINDOW_SECONDS
 from analytics_api.validation import invalid, validate_body
 from warehouse.queries import limits as lq
 from warehouse.queries import policies as pq
@@ -372,12 +373,14 @@ def _entities(request: Request, row: PolicyRow, status: str | None, search: str 
     data = []
     for r in rows:
         item = {"id": r["entity_id"], "value_key": r["value_key"], "current_usage": _amount(row.type, r["current_usage"]),
-                "status": r["status"], "window_start": _iso(r["window_start"]),
-                "updated_at": _iso(r["updated_at"])}
+                "status": r["status"]}
         if row.kind == USAGE:
             item.update(is_threshold_alerts_sent=bool(r["threshold_alert_sent"]),
-                        is_exhausted_alerts_sent=bool(r["exhausted_alert_sent"]),
+                        is_exhausted_alerts_sent=bool(r["exhausted_alert_sent"]), window_start=_iso(r["window_start"]),
                         window_end=_iso(r["window_end"]) if r["window_end"] is not None else None)
+        else:
+            item["window_seconds"] = WINDOW_SECONDS[row.unit]
+        item["updated_at"] = _iso(r["updated_at"])
         data.append(item)
     return {"object": "list", "total": total, "data": data}
 

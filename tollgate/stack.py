@@ -182,6 +182,21 @@ def run_ingest(settings: Settings, workers: int | None = None) -> int:
     return 0
 
 
+def run_limits(settings: Settings) -> int:
+    """Production role: the limits job alone (counters, alerts, the state feed); run one per warehouse."""
+    stop = StopSignal()
+    bootstrap = kafka_bootstrap(settings)
+    ensure_topics(bootstrap, list(settings.limit_topics), settings.topic_partitions, configs=settings.limit_topics)
+    scheduler = BackgroundScheduler(timezone="UTC")
+    job = limits.schedule(scheduler, settings, bootstrap)
+    scheduler.start()
+    say(f"limits: a refresh every {settings.limits_interval:g} s, {settings.warehouse_dsn} → {bootstrap}")
+    stop.wait()
+    scheduler.shutdown(wait=True)
+    job.close()
+    return 0
+
+
 def run_api(settings: Settings, host: str, port: int) -> int:
     """Production role: the API only."""
     uvicorn.run(create_app(settings, kafka_bootstrap(settings)), host=host, port=port, log_level="info")

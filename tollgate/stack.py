@@ -140,10 +140,10 @@ def up(settings: Settings, host: str, port: int, ingest_workers: int | None = No
         cleanup.callback(workers.stop)  # runs before the broker stops: drain, insert, commit
 
         scheduler = BackgroundScheduler(timezone="UTC")
-        limits_job = limits.schedule(scheduler, settings, bootstrap)  # counters, alerts, the state feed
-        cleanup.callback(limits_job.close)
         scheduler.start()
         cleanup.callback(scheduler.shutdown, wait=True)
+        limits_job = limits.schedule(scheduler, settings, bootstrap)  # counters, alerts, the state feed (docs/limits.md)
+        cleanup.callback(limits_job.close)  # waits for a refresh in flight
 
         api = ApiServer(create_app(settings, bootstrap), host, port)
         api.start()

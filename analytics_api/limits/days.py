@@ -19,7 +19,8 @@ A closed day is computed again (a new version) when:
   version, so it counts as new data;
 - **a cut inside it changes**: a policy's window start or a reset inside that day
   (its ``cuts_hash`` differs);
-- nothing is known: the first run, or a lost parts snapshot.
+- nothing is known: the first run, a lost parts snapshot, or a rebuilt ``generations``
+  (another table identity, e.g. a migration's ``EXCHANGE TABLES``): every day is recomputed.
 
 Sums: the total of a policy's closed days per value key is kept in memory and
 updated with the difference of the days that changed (ClickHouse sums the day rows
@@ -63,14 +64,17 @@ class PartsWatch:
 
     parts: dict[str, Part] | None = None
     high: int = -1  # the newest block number (or data version) among them
+    table: str = ""  # generations_identity() when they were listed
 
-    def dirty(self, current: dict[str, Part]) -> list[tuple[int, int]] | None:
-        """Time ranges ``[lo_ms, hi_ms)`` whose data changed since; None: unknown (everything)."""
-        if self.parts is None:
+    def dirty(self, current: dict[str, Part], table: str = "") -> list[tuple[int, int]] | None:
+        """Time ranges ``[lo_ms, hi_ms)`` whose data changed since; None: unknown (everything, also when the
+        table was rebuilt: another identity, whose block numbers start again)."""
+        if self.parts is None or table != self.table:
             return None
         ranges = []
         for name, p in current.items():
-            if name not in self.parts and max(p.max_block, p.data_version) > self.high:
+            # an insert (level 0), or a part holding a block or mutation newer than any seen
+            if name not in self.parts and (p.level == 0 or max(p.max_block, p.data_version) > self.high):
                 ranges.append((p.min_ms, p.max_ms))
         for name, p in self.parts.items():
             if name in current:
@@ -80,20 +84,22 @@ class PartsWatch:
                 ranges.append((p.min_ms, p.max_ms))
         return ranges
 
-    def advance(self, current: dict[str, Part]) -> bool:
+    def advance(self, current: dict[str, Part], table: str = "") -> bool:
         """Take ``current`` as seen; True when that changed anything."""
-        high = max([self.high, *(max(p.max_block, p.data_version) for p in current.values())])
-        changed = self.parts is None or set(self.parts) != set(current) or high != self.high
-        self.parts, self.high = dict(current), high
+        newest = max((max(p.max_block, p.data_version) for p in current.values()), default=-1)
+        high = newest if table != self.table else max(self.high, newest)
+        changed = self.parts is None or set(self.parts) != set(current) or high != self.high or table != self.table
+        self.parts, self.high, self.table = dict(current), high, table
         return changed
 
     def to_json(self) -> str:
-        return orjson.dumps({"high": self.high, "parts": {n: list(p.__dict__.values()) for n, p in (self.parts or {}).items()}}).decode()
+        return orjson.dumps({"table": self.table, "high": self.high,
+                             "parts": {n: list(p.__dict__.values()) for n, p in (self.parts or {}).items()}}).decode()
 
     @classmethod
     def from_json(cls, text: str) -> "PartsWatch":
         data = orjson.loads(text)
-        return cls({n: Part(*v) for n, v in data["parts"].items()}, int(data["high"]))
+        return cls({n: Part(*v) for n, v in data["parts"].items()}, int(data["high"]), data.get("table", ""))
 
 
 def _days_of(ranges: list[tuple[int, int]]) -> set[int]:
@@ -177,8 +183,9 @@ class ClosedDays:
             self.load()
         stats = Stats()
         today = now_ms // DAY_MS
+        table = q.generations_identity(self.client)
         listing = q.generation_parts(self.client)  # before any day is read: later parts are new next time
-        dirty = self.watch.dirty(listing)
+        dirty = self.watch.dirty(listing, table)
         stats.dirty_days = None if dirty is None else len(_days_of(dirty))
         dirty_days = None if dirty is None else _days_of(dirty)
 
@@ -200,7 +207,7 @@ class ClosedDays:
             self._compute(todo, needed, {p.policy_id: p for p in policies}, now_ms)
             stats.days_computed = len(todo)
             stats.compute_seconds = time.perf_counter() - t0
-        if self.watch.advance(listing):
+        if self.watch.advance(listing, table):
             q.put_job_state(self.client, self.snapshot_name, self.watch.to_json(), time.time_ns())
 
         t0 = time.perf_counter()

@@ -105,6 +105,7 @@ class LimitsJob:
         self.state_sig = pl.DataFrame(schema=STATE_SIG)
         self.unpublished: dict[tuple[str, str], dict] = {}  # state rows persisted but not acknowledged
         self.started = False
+        self._closed = False
         self.last: Report | None = None
         self._lock = threading.Lock()
 
@@ -137,6 +138,8 @@ class LimitsJob:
 
     def run(self) -> None:
         """The scheduler's entry point: a refresh that never raises."""
+        if self._closed:
+            return
         try:
             self.run_once()
         except Exception:
@@ -144,6 +147,8 @@ class LimitsJob:
 
     def run_once(self, now: datetime | None = None) -> Report:
         with self._lock:
+            if self._closed:
+                raise RuntimeError("the limits job is closed")
             t_start = time.perf_counter()
             if not self.started:
                 self.start()
@@ -201,6 +206,9 @@ class LimitsJob:
             t.lap("state_publish")
 
             report.counters_written = self._write_counters(c.apply_flags(ev.keys, self.alerts), now_ms)
+            # decisions of earlier alert windows can never match again (windows only move forward)
+            current = ev.keys.filter(pl.col("alert_window").is_not_null()).select(*c.KEY, "alert_window")
+            self.alerts = self.alerts.join(current, on=[*c.KEY, "alert_window"], how="semi")
             t.lap("counters_write")
             report.timings["total"] = time.perf_counter() - t_start
             self.last = report
@@ -339,8 +347,11 @@ class LimitsJob:
         return changed.height
 
     def close(self) -> None:
-        self.days.close()
-        self.feed.close()
+        """Stop: waits for a refresh in flight; later scheduled runs do nothing."""
+        with self._lock:
+            self._closed = True
+            self.days.close()
+            self.feed.close()
 
 
 class _Timer:

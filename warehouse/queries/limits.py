@@ -301,17 +301,32 @@ class Part:
     data_version: int
     min_ms: int  # the part's earliest created_at, whole seconds (system.parts.min_time)
     max_ms: int  # one second past its latest created_at
+    level: int = 0  # 0: written by an insert; > 0: by a merge
+    written: int = 0  # modification time (seconds): with the name, tells a part from an earlier one of the same name
+
+
+def generations_identity(client: Client) -> str:
+    """What identifies the storage of ``generations``: its UUID, or (no UUID, as in chdb) its data paths.
+    A rebuild (``EXCHANGE TABLES``, a drop and create) changes it; block numbers then start again."""
+    rows = client.query(
+        "SELECT toString(uuid), arrayStringConcat(data_paths, ',') FROM system.tables "
+        "WHERE database = currentDatabase() AND name = 'generations'"
+    ).result_rows
+    if not rows:
+        return ""
+    uuid_, paths = rows[0]
+    return uuid_ if uuid_ != "00000000-0000-0000-0000-000000000000" else paths
 
 
 def generation_parts(client: Client) -> dict[str, Part]:
-    """The active parts of ``generations``: what closed days are computed from."""
+    """The active parts of ``generations`` (by ``name@modification time``): what closed days are computed from."""
     rows = client.query(
         "SELECT name, partition_id, min_block_number, max_block_number, data_version, "
-        "toUnixTimestamp(min_time), toUnixTimestamp(max_time) FROM system.parts "
-        "WHERE database = currentDatabase() AND table = 'generations' AND active"
+        "toUnixTimestamp(min_time), toUnixTimestamp(max_time), level, toUnixTimestamp(modification_time) "
+        "FROM system.parts WHERE database = currentDatabase() AND table = 'generations' AND active"
     ).result_rows
-    return {name: Part(part, int(lo), int(hi), int(dv), int(t0) * 1000, (int(t1) + 1) * 1000)
-            for name, part, lo, hi, dv, t0, t1 in rows}
+    return {f"{name}@{int(at)}": Part(part, int(lo), int(hi), int(dv), int(t0) * 1000, (int(t1) + 1) * 1000, int(lv), int(at))
+            for name, part, lo, hi, dv, t0, t1, lv, at in rows}
 
 
 # --------------------------------------------------------------------------- closed days

@@ -28,10 +28,11 @@ with signs: a new closed day is added, a recomputed one replaces its old version
 policy whose window or resets changed, and every policy after a restart, is summed
 again from its day rows.
 
-Not seen: rows removed by a TTL merge (generations' retention), which keeps its part's
-block range and data version. They stay counted until their day is recomputed for
-another reason. Only usage older than ``TOLLGATE_RETENTION_DAYS`` can be affected
-(cumulative policies older than that).
+Not seen: rows a TTL merge removes from inside a part (generations' retention), which
+keeps the part's block range and data version; they stay counted until their day is
+recomputed for another reason. (A TTL that drops whole parts, ``ttl_only_drop_parts``, is
+seen: the part goes without a successor.) Only usage older than ``TOLLGATE_RETENTION_DAYS``
+can be affected, so only cumulative policies older than that.
 """
 
 from __future__ import annotations

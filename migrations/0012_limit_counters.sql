@@ -1,33 +1,36 @@
 -- Derived state of the limits job (analytics_api/limits/), written only by the job.
 --
--- Closed days: once a UTC day is over, each usage-limits policy's usage per value key
--- on that day is computed once (from generations FINAL) and kept here, so a refresh
--- only scans the current day. A day is computed again, as a new version, when new
--- data lands in it (late events: the job watches the parts of `generations`) or when
--- a cut inside it changes (a reset, a policy's start). `limit_days` is the index: the
--- current version of each (policy, day), also for days without usage; the rows of
--- older versions are deleted by the job.
-CREATE TABLE IF NOT EXISTS limit_days
+-- Closed segments: once a UTC day (before today) or an hour (of today, or of a
+-- rate-limits window) is over, each policy's usage per value key in it is computed once
+-- (from generations FINAL) and kept here, so a refresh only scans the current hour (and
+-- the partial hours at the edges of a sliding window). A segment is computed again, as a
+-- new version, when new data lands in it (late events: the job watches the parts of
+-- `generations`) or when a cut inside it changes (a reset, a policy's start).
+-- `limit_segments` is the index: the current version of each (policy, segment), also for
+-- segments without usage; the rows of older versions are deleted by the job.
+CREATE TABLE IF NOT EXISTS limit_segments
 (
     policy_id    String,
-    day          Date,
+    start        DateTime64(3, 'UTC'),
+    end          DateTime64(3, 'UTC'),
     version      UInt64,
     cuts_hash    UInt64,
     computed_at  DateTime64(3, 'UTC')
 )
 ENGINE = ReplacingMergeTree(version)
-ORDER BY (policy_id, day);
+ORDER BY (policy_id, start, end);
 
-CREATE TABLE IF NOT EXISTS limit_day_usage
+CREATE TABLE IF NOT EXISTS limit_segment_usage
 (
     policy_id  String,
-    day        Date,
+    start      DateTime64(3, 'UTC'),
+    end        DateTime64(3, 'UTC'),
     version    UInt64,
     value_key  String,
     usage      Float64
 )
 ENGINE = MergeTree
-ORDER BY (policy_id, day, version, value_key);
+ORDER BY (policy_id, start, end, version, value_key);
 
 -- The counters the API shows: the latest state of every value key of every policy,
 -- written by the job when it changes. Read with FINAL.
@@ -50,7 +53,7 @@ CREATE TABLE IF NOT EXISTS limit_counters
 ENGINE = ReplacingMergeTree(version)
 ORDER BY (policy_id, value_key);
 
--- Small named values of the job (the parts of `generations` its closed days reflect).
+-- Small named values of the job (the parts of `generations` its closed segments reflect).
 CREATE TABLE IF NOT EXISTS limit_job_state
 (
     name     String,

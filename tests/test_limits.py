@@ -157,8 +157,12 @@ def state_view(records) -> dict[str, dict | None]:
 # --------------------------------------------------------------------------- which closed days changed
 
 
+def _days_of(ranges) -> set[int]:
+    return {d for lo, hi in ranges for d in range(lo // 86_400_000, (hi - 1) // 86_400_000 + 1)}
+
+
 def test_parts_watch_tells_new_data_from_merges():
-    from analytics_api.limits.days import PartsWatch, _days_of
+    from analytics_api.limits.closed import PartsWatch
     from warehouse.queries.limits import Part
 
     day = 86_400_000
@@ -186,6 +190,31 @@ def test_parts_watch_tells_new_data_from_merges():
     # emptied, and block numbers started again: the same part name, written later, at level 0
     assert _days_of(watch.dirty(part("p", 1, 1, 5 * day, 5 * day + 9, level=0, written=200), "t1")) >= {5}
     assert PartsWatch.from_json(watch.to_json()) == watch
+
+
+def test_windows_split_into_closed_days_and_hours():
+    from analytics_api.limits.closed import Dirty, PolicyWindow, split
+
+    H, D = 3_600_000, 86_400_000
+    now = ms(datetime(2026, 11, 20, 10, 30, tzinfo=UTC))
+    day0 = ms(datetime(2026, 11, 20, tzinfo=UTC))
+    start = ms(datetime(2026, 11, 18, 15, 20, tzinfo=UTC))
+    usage_ = PolicyWindow("p", "usage_limits", None, start, day0 + 11 * D, [])
+    closed, live = split(usage_, now)
+    assert closed == [(start, day0 - D), (day0 - D, day0)] + [(day0 + h * H, day0 + (h + 1) * H) for h in range(10)]
+    assert live == [(day0 + 10 * H, day0 + 11 * D)]
+    fresh = PolicyWindow("p", "usage_limits", None, now - 60_000, None, [])  # created in the current hour
+    assert split(fresh, now) == ([], [(now - 60_000, None)])
+    rpd = PolicyWindow("r", "rate_limits", None, now - D + 1, now + 1, [])
+    closed, live = split(rpd, now)
+    assert closed == [(day0 - D + 11 * H + h * H, day0 - D + 12 * H + h * H) for h in range(23)]
+    assert live == [(now - D + 1, day0 - D + 11 * H), (day0 + 10 * H, now + 1)]
+    for w in (60_000, H):  # rpm, rph: nothing closed
+        assert split(PolicyWindow("r", "rate_limits", None, now - w + 1, now + 1, []), now) == ([], [(now - w + 1, now + 1)])
+    dirty = Dirty([(5, 10), (8, 20), (40, 50)])
+    assert [dirty.touches(a, b) for a, b in ((0, 5), (0, 6), (19, 30), (20, 40), (49, 60), (50, 70))] == [
+        False, True, True, False, True, False]
+    assert Dirty(None).touches(0, 1) and not Dirty([])
 
 
 # --------------------------------------------------------------------------- the scenario
@@ -282,9 +311,11 @@ def test_counters_follow_periods_resets_late_events_and_redelivery(lapi, lsettin
     expected_alerts: set[tuple] = set()
     job = new_job(lsettings, clock, org)
 
+    reports = []
+
     def run(at: str) -> dict[str, dict[str, float]]:
         clock.set(at)
-        job.run_once()
+        reports.append(job.run_once())
         seen = {}
         for name in POLICIES:
             seen[name] = s.check(name)
@@ -316,6 +347,7 @@ def test_counters_follow_periods_resets_late_events_and_redelivery(lapi, lsettin
     for vk in exhausted_in_october:
         assert before[f"{s.ids['month']}:{vk}"]["status"] == "exhausted"
     b = run("2026-11-01T08:00:00")
+    assert reports[-1].closed_days_derived > 0  # Oct 31 closed: written from the hours counted the evening before
     # a new month starts at zero: the October records of the monthly policy are tombstoned
     after = state_view(states.read())
     for vk in exhausted_in_october:
@@ -337,7 +369,9 @@ def test_counters_follow_periods_resets_late_events_and_redelivery(lapi, lsettin
         log(org, "2026-11-02T00:00:00.000", rng=rng, user="alice", tokens=200)]
     s.publish(third, again=rng.sample(third, 10))
     run("2026-11-01T18:00:00")
+    run("2026-11-01T23:30:00")  # Nov 1's hours, resets inside, counted as they close…
     c = run("2026-11-02T09:00:00")
+    assert reports[-1].closed_days_derived > 0  # …so the closed Nov 1 is written from them
     assert "metadata._user:alice" in c["week"]
 
     # stage 4: late events with old timestamps (closed days), and a redelivery of stage 3
@@ -360,7 +394,14 @@ def test_counters_follow_periods_resets_late_events_and_redelivery(lapi, lsettin
     # merging parts (what the settle job and background merges do) changes nothing that counts
     warehouse.command("OPTIMIZE TABLE generations FINAL")
     report = job.run_once()
-    assert report.closed_days_computed == 0 and report.counters_written == 0
+    assert report.closed_segments_computed == 0 and report.counters_written == 0
+    # the restarted job's first refresh cleaned up: no superseded segment versions are left
+    job.closed.close()
+    ids = list(s.ids.values())
+    left = warehouse.query(
+        "SELECT countIf((policy_id, start, end, version) NOT IN (SELECT policy_id, start, end, version FROM limit_segments "
+        "FINAL)), count() FROM limit_segment_usage WHERE policy_id IN {ids:Array(String)}", parameters={"ids": ids}).result_rows[0]
+    assert left[0] == 0 and left[1] > 0, left
 
     # alerts: exactly one per (policy, value key, alert window, kind), none missing
     got = [orjson.loads(r.value) for r in alerts.read()]
@@ -496,7 +537,15 @@ def test_rate_limits_count_sliding_windows(lapi, lsettings, workers, warehouse, 
                                             "group_by": [{"key": "api_key"}], "type": "requests", "unit": "rpm", "value": 3})
     rph = create(lapi, key, "rate-limits", {"conditions": [{"key": "metadata.env", "value": "prod"}],
                                             "group_by": [{"key": "metadata._user"}], "type": "tokens", "unit": "rph", "value": 1000})
-    events = ([log(org, f"2026-11-03T09:59:{10 + 10 * i}", rng=rng, api_key="ak-2", user="josé", tokens=150) for i in range(4)]
+    rpd = create(lapi, key, "rate-limits", {"conditions": [{"key": "workspace_id", "value": "ws-b"}],
+                                            "group_by": [{"key": "api_key"}], "type": "requests", "unit": "rpd", "value": 40})
+    # a day of ws-b traffic (the closed hours of the rpd window), with events on the window's edges
+    day = stage(org, rng, 60, "2026-11-02T09:30:00", "2026-11-03T10:02:00", workspace="ws-b", env="dev") + [
+        log(org, t, rng=rng, workspace="ws-b", api_key="ak-1", env="dev") for t in (
+            "2026-11-02T10:00:00.000", "2026-11-02T10:00:00.001", "2026-11-02T10:59:59.999", "2026-11-02T11:00:00.000",
+            "2026-11-02T10:01:30.000", "2026-11-02T10:01:30.001", "2026-11-03T09:59:59.999", "2026-11-03T10:00:00.000",
+            "2026-11-03T10:00:00.001", "2026-11-03T10:01:30.000")]
+    events = day + ([log(org, f"2026-11-03T09:59:{10 + 10 * i}", rng=rng, api_key="ak-2", user="josé", tokens=150) for i in range(4)]
               + [log(org, "2026-11-03T09:59:05", rng=rng, api_key="ak-3", user="bob", tokens=100),
                  log(org, "2026-11-03T09:58:59.999", rng=rng, api_key="ak-3", user="bob", tokens=100),  # outside the minute
                  log(org, "2026-11-03T09:00:00.001", rng=rng, api_key="ak-4", user="josé", tokens=500),  # inside the hour
@@ -505,21 +554,38 @@ def test_rate_limits_count_sliding_windows(lapi, lsettings, workers, warehouse, 
     assert wait_until(lambda: count_generations(warehouse, org) == len(events))
     states = Tail(lsettings.kafka_bootstrap, lsettings.topic_limits_state)
     job = new_job(lsettings, clock, org)
-    now = clock.set("2026-11-03T10:00:00")
-    job.run_once()
     frame = events_frame(events)
-    for pid, conditions, group_by, measure, width in (
-            (rpm, [("workspace_id", "ws-a")], ["api_key"], "requests", 60_000),
-            (rph, [("metadata.env", "prod")], ["metadata._user"], "tokens", 3_600_000)):
-        expected = usage(frame, org=org, conditions=conditions, group_by=group_by, measure=measure,
-                         start_ms=ms(now) - width + 1, end_ms=ms(now) + 1)
-        got = entities(lapi, key, pid, kind="rate-limits")
-        assert {k: v["current_usage"] for k, v in got.items()} == expected
-        limit = 3 if pid == rpm else 1000
-        assert {k: v["status"] for k, v in got.items()} == {k: "rate_limited" if v >= limit else "active" for k, v in expected.items()}
-    assert expected == {"metadata._user:josé": 1100, "metadata._user:bob": 200}
-    view = state_view(states.read())
-    assert set(view) == {f"{rpm}:api_key:ak-2", f"{rph}:metadata._user:josé"}
+    policies = {rpm: ([("workspace_id", "ws-a")], ["api_key"], "requests", 60_000, 3),
+                rph: ([("metadata.env", "prod")], ["metadata._user"], "tokens", 3_600_000, 1000),
+                rpd: ([("workspace_id", "ws-b")], ["api_key"], "requests", 86_400_000, 40)}
+
+    def check(*ids) -> dict[str, dict[str, float]]:
+        now, seen = clock(), {}
+        for pid in ids:
+            conditions, group_by, measure, width, limit = policies[pid]
+            expected = usage(frame, org=org, conditions=conditions, group_by=group_by, measure=measure,
+                             start_ms=ms(now) - width + 1, end_ms=ms(now) + 1)
+            got = entities(lapi, key, pid, kind="rate-limits")
+            assert {k: v["current_usage"] for k, v in got.items()} == expected, pid
+            assert {k: v["status"] for k, v in got.items()} == {
+                k: "rate_limited" if v >= limit else "active" for k, v in expected.items()}, pid
+            seen[pid] = expected
+        return seen
+
+    clock.set("2026-11-03T10:00:00")
+    job.run_once()
+    seen = check(rpm, rph, rpd)
+    assert seen[rph] == {"metadata._user:josé": 1100, "metadata._user:bob": 200}
+    assert seen[rpd]  # the day's traffic, counted from its closed hours and the two partial ones
+    for at in ("2026-11-03T10:01:30", "2026-11-03T11:00:00", "2026-11-03T11:05:00"):  # the hours slide
+        clock.set(at)
+        job.run_once()
+        check(rpd)
+    clock.set("2026-11-03T10:00:00")
+    job.run_once()
+    check(rpm, rph, rpd)
+    view = {k: v for k, v in state_view(states.read()).items() if not k.startswith(rpd)}
+    assert {k for k, v in view.items() if v} == {f"{rpm}:api_key:ak-2", f"{rph}:metadata._user:josé"}
     rec = view[f"{rpm}:api_key:ak-2"]
     assert (rec["status"], rec["current_usage"], rec["limit"], rec["unit"], rec["window_seconds"], rec["policy_kind"]) == (
         "rate_limited", 4, 3, "rpm", 60, "rate_limits")
@@ -530,13 +596,13 @@ def test_rate_limits_count_sliding_windows(lapi, lsettings, workers, warehouse, 
     assert call(lapi, "PUT", f"/rate-limits/{rph}", key, {"value": 5000, "unit": "rph"}).status_code == 200
     job.run_once()
     view = state_view(states.read())
-    assert view == {f"{rph}:metadata._user:josé": None}
+    assert {k: v for k, v in view.items() if not k.startswith(rpd)} == {f"{rph}:metadata._user:josé": None}
     got = call(lapi, "GET", f"/rate-limits/{rph}", key).json()
     assert (got["value"], got["unit"], got["type"], got["object"]) == (5000, "rph", "tokens", "policy_rate_limits")
     # the minute slides on: ak-2 is cleared (tombstone) and no longer listed
     clock.set("2026-11-03T10:01:30")
     job.run_once()
-    assert state_view(states.read()) == {f"{rpm}:api_key:ak-2": None}
+    assert {k: v for k, v in state_view(states.read()).items() if not k.startswith(rpd)} == {f"{rpm}:api_key:ak-2": None}
     assert entities(lapi, key, rpm, kind="rate-limits") == {}
     states.close()
     job.close()

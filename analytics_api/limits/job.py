@@ -2,11 +2,12 @@
 
 One refresh (:meth:`LimitsJob.run_once`):
 
-1. **Query.** The active policies and resets (ClickHouse). The closed days of each
-   usage-limits window are brought up to date (``days.ClosedDays``: only days whose
-   data or cuts changed are recomputed) and their per-value-key sums taken; one
-   aggregate query counts the current UTC day of every usage-limits window and the
-   sliding window of every rate-limits policy (``warehouse.queries.limits``).
+1. **Query.** The active policies and resets (ClickHouse). The closed segments of every
+   window (past days and hours: ``closed.ClosedSegments``; only segments whose data or
+   cuts changed are recomputed) are brought up to date and their per-value-key sums
+   taken; one aggregate query counts what they leave: the current hour of every
+   usage-limits window and the partial hours at the edges of every sliding window
+   (``warehouse.queries.limits``).
 2. **Evaluate** (Polars, ``counters``): usage per value key, statuses, the alerts that
    became due, the enforcement records.
 3. **Persist, then publish.** Alerts: the decision is written to ``limit_alerts``
@@ -40,7 +41,7 @@ import polars as pl
 from kafka.errors import KafkaError
 
 from analytics_api.limits import counters as c
-from analytics_api.limits.days import ClosedDays, PolicyDays, Stats
+from analytics_api.limits.closed import ClosedSegments, PolicyWindow
 from analytics_api.limits.feed import Feed
 from tollgate.settings import Settings
 from warehouse.client import connect
@@ -75,8 +76,9 @@ class Report:
     now: datetime
     policies: int = 0
     value_keys: int = 0
-    closed_days_computed: int = 0
-    dirty_days: int | None = 0
+    closed_segments_computed: int = 0  # counted from generations
+    closed_days_derived: int = 0  # written as the sum of their hours
+    dirty: bool = False
     alerts_decided: int = 0
     alerts_published: int = 0
     state_records: int = 0
@@ -98,7 +100,7 @@ class LimitsJob:
         self.client = client if client is not None else connect(settings.warehouse_dsn)
         self.feed = Feed(bootstrap, settings.topic_limit_alerts, settings.topic_limits_state)
         self.clock = clock
-        self.days = ClosedDays(self.client, self.organisations, cleaner=lambda: connect(settings.warehouse_dsn))
+        self.closed = ClosedSegments(self.client, self.organisations, cleaner=lambda: connect(settings.warehouse_dsn))
         self.known = c.empty(c.COUNTER_SCHEMA)  # the last written counters
         self.alerts = c.empty(c.ALERT_SCHEMA)  # every decided alert: KEY, alert_window, kind, state
         self.pending: dict[tuple, dict] = {}  # undelivered alerts → their row (with "attempted")
@@ -112,8 +114,8 @@ class LimitsJob:
     # ----------------------------------------------------------------------------- start-up
 
     def start(self) -> None:
-        """Resume from ClickHouse: closed days, counters, alert decisions, the state feed; finish interrupted publishing."""
-        self.days.load()
+        """Resume from ClickHouse: closed segments, counters, alert decisions, the state feed; finish interrupted publishing."""
+        self.closed.load()
         known = pl.from_arrow(q.load_counters(self.client, self.organisations))
         assert isinstance(known, pl.DataFrame)
         self.known = known.select(list(c.COUNTER_SCHEMA)).cast(c.COUNTER_SCHEMA)  # type: ignore[arg-type]
@@ -170,15 +172,16 @@ class LimitsJob:
                     resets.setdefault(pid, []).append((vk, at_ms))
             t.lap("policies")
 
-            closed, stats = self.days.refresh(
-                [PolicyDays(pid, policy_slot(by_id[pid], 0, None), *windows[pid], resets.get(pid, [])) for pid in usage_ids],
+            closed, live_ranges, stats = self.closed.refresh(
+                [PolicyWindow(p.id, p.kind, policy_slot(p, 0, None), *windows[p.id], resets.get(p.id, [])) for p in policies],
                 now_ms)
-            report.closed_days_computed, report.dirty_days = stats.days_computed, stats.dirty_days
-            report.timings["closed_days_compute"] = stats.compute_seconds
-            report.timings["closed_days_sum"] = stats.sum_seconds
-            t.lap("closed_days")
+            report.closed_segments_computed, report.dirty = stats.segments_computed, stats.dirty
+            report.closed_days_derived = stats.days_derived
+            report.timings["closed_compute"] = stats.compute_seconds
+            report.timings["closed_sum"] = stats.sum_seconds
+            t.lap("closed_segments")
 
-            live = self._live(policies, windows, resets, now_ms)
+            live = self._live(by_id, live_ranges, resets)
             t.lap("live_query")
 
             usage = (pl.concat([closed.select(c.KEY + ["usage"]), live])
@@ -214,22 +217,22 @@ class LimitsJob:
             self.last = report
             return report
 
-    def _live(self, policies: list[PolicyRow], windows: dict, resets: dict, now_ms: int) -> pl.DataFrame:
-        """Usage of the current UTC day of every usage-limits window, and of every rate-limits sliding window."""
-        today0 = now_ms // c.DAY_MS * c.DAY_MS
+    def _live(self, by_id: dict[str, PolicyRow], live_ranges: dict[str, list[tuple[int, int | None]]],
+              resets: dict) -> pl.DataFrame:
+        """Usage of what the closed segments leave of every window: the current hour of a usage window, the
+        partial hours at the edges of a sliding window."""
         slots: list[Slot] = []
         slot_policy: list[str] = []
         live_resets: list[Reset] = []
-        for p in policies:
-            ws, we = windows[p.id]
-            start = max(ws, today0) if p.kind == c.USAGE else ws
-            if we is not None and start >= we:
-                continue
-            for vk, at in resets.get(p.id, []):
-                if at > start:
-                    live_resets.append(Reset(len(slots), vk, at))
-            slots.append(policy_slot(p, start, we))
-            slot_policy.append(p.id)
+        for pid, ranges in live_ranges.items():
+            for start, end in ranges:
+                if end is not None and start >= end:
+                    continue
+                for vk, at in resets.get(pid, []):
+                    if at > start:
+                        live_resets.append(Reset(len(slots), vk, at))
+                slots.append(policy_slot(by_id[pid], start, end))
+                slot_policy.append(pid)
         table = pl.from_arrow(q.usage(self.client, slots, live_resets))
         assert isinstance(table, pl.DataFrame)
         ids = pl.Series("policy_id", slot_policy, dtype=pl.String)
@@ -350,7 +353,7 @@ class LimitsJob:
         """Stop: waits for a refresh in flight; later scheduled runs do nothing."""
         with self._lock:
             self._closed = True
-            self.days.close()
+            self.closed.close()
             self.feed.close()
 
 

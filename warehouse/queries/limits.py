@@ -177,7 +177,6 @@ def plan(slots: list[Slot], resets: list[Reset] = ()) -> Plan:
     # cut points: every slot boundary and reset instant; segment = number of cut points <= created_at
     cuts = sorted({s.start_ms for s in slots} | {s.end_ms for s in slots if s.end_ms is not None}
                   | {r.at_ms for r in resets})
-    open_ended = any(s.end_ms is None for s in slots)
     top = len(cuts) + 1  # one past the last segment
 
     def seg(ms: int) -> int:
@@ -211,13 +210,26 @@ def plan(slots: list[Slot], resets: list[Reset] = ()) -> Plan:
     for i, s in enumerate(slots):
         k = shapes[_shape(s)]
         shape_first[k] = min(shape_first[k], seg(s.start_ms))
-    params.update(cuts=cuts, lo=cuts[0], orgs=sorted({s.organisation_id for s in slots}),
+    params.update(cuts=cuts, orgs=sorted({s.organisation_id for s in slots}),
                   shape_orgs=[sorted(o) for o in shape_orgs], shape_first=shape_first,
                   reset_keys=reset_keys, reset_segs=reset_segs)
-    time_filter = "created_at >= fromUnixTimestamp64Milli({lo:Int64}, 'UTC')"
-    if not open_ended:
-        time_filter += " AND created_at < fromUnixTimestamp64Milli({hi:Int64}, 'UTC')"
-        params["hi"] = max(s.end_ms for s in slots if s.end_ms is not None)
+    # read only the rows some slot counts: the union of the slot ranges (a sliding window's closed
+    # hours in the middle, say, are not read at all)
+    ranges: list[list] = []
+    for lo, hi in sorted(((s.start_ms, s.end_ms) for s in slots), key=lambda r: (r[0], r[1] is None, r[1] or 0)):
+        if ranges and (ranges[-1][1] is None or lo <= ranges[-1][1]):
+            ranges[-1][1] = None if hi is None or ranges[-1][1] is None else max(ranges[-1][1], hi)
+        else:
+            ranges.append([lo, hi])
+    terms = []
+    for i, (lo, hi) in enumerate(ranges):
+        params[f"lo{i}"] = lo
+        term = f"created_at >= fromUnixTimestamp64Milli({{lo{i}:Int64}}, 'UTC')"
+        if hi is not None:
+            params[f"hi{i}"] = hi
+            term += f" AND created_at < fromUnixTimestamp64Milli({{hi{i}:Int64}}, 'UTC')"
+        terms.append(f"({term})")
+    time_filter = f"({' OR '.join(terms)})"
 
     def per_shape(render) -> str:
         branches = [(idx, render(shape)) for shape, idx in shapes.items()]
@@ -329,94 +341,97 @@ def generation_parts(client: Client) -> dict[str, Part]:
             for name, part, lo, hi, dv, t0, t1, lv, at in rows}
 
 
-# --------------------------------------------------------------------------- closed days
-
-DAY_MS = 86_400_000
+# --------------------------------------------------------------------------- closed segments
 
 
-def insert_day_usage(client: Client, slots: list[Slot], resets: list[Reset], policy_ids: list[str], days: list[int],
-                     version: int) -> None:
-    """Count ``slots`` (slot i: policy ``policy_ids[i]`` on day number ``days[i]``) into ``limit_day_usage``."""
+def insert_segment_usage(client: Client, slots: list[Slot], resets: list[Reset], policy_ids: list[str], version: int) -> None:
+    """Count ``slots`` (slot i: policy ``policy_ids[i]`` over the segment [start, end)) into ``limit_segment_usage``."""
     p = plan(slots, resets)
     if p.empty:
         return
-    p.params.update(m_pid=policy_ids, m_day=days, m_version=version)
+    p.params.update(m_pid=policy_ids, m_start=[s.start_ms for s in slots], m_end=[s.end_ms for s in slots],
+                    m_version=version)
     client.command(
-        "INSERT INTO limit_day_usage (policy_id, day, version, value_key, usage) "
-        "SELECT {m_pid:Array(String)}[slot + 1], addDays(toDate('1970-01-01'), {m_day:Array(Int32)}[slot + 1]), "
+        "INSERT INTO limit_segment_usage (policy_id, start, end, version, value_key, usage) "
+        "SELECT {m_pid:Array(String)}[slot + 1], fromUnixTimestamp64Milli({m_start:Array(Int64)}[slot + 1], 'UTC'), "
+        "fromUnixTimestamp64Milli({m_end:Array(Int64)}[slot + 1], 'UTC'), "
         f"{{m_version:UInt64}}, value_key, usage FROM ({p.sql})",
         parameters=p.params, settings=SETTINGS,
     )
 
 
-def insert_day_index(client: Client, rows: list[tuple[str, int, int, int]], computed_at_ms: int) -> None:
-    """Index rows ``(policy_id, day number, version, cuts_hash)``."""
+def insert_segment_index(client: Client, rows: list[tuple[str, int, int, int, int]], computed_at_ms: int) -> None:
+    """Index rows ``(policy_id, start_ms, end_ms, version, cuts_hash)``."""
     if not rows:
         return
     client.command(
-        "INSERT INTO limit_days (policy_id, day, version, cuts_hash, computed_at) "
-        "SELECT tupleElement(t, 1), addDays(toDate('1970-01-01'), tupleElement(t, 2)), tupleElement(t, 3), "
-        "tupleElement(t, 4), fromUnixTimestamp64Milli({at:Int64}, 'UTC') "
-        "FROM (SELECT arrayJoin({rows:Array(Tuple(String, Int32, UInt64, UInt64))}) AS t)",
+        "INSERT INTO limit_segments (policy_id, start, end, version, cuts_hash, computed_at) "
+        "SELECT tupleElement(t, 1), fromUnixTimestamp64Milli(tupleElement(t, 2), 'UTC'), "
+        "fromUnixTimestamp64Milli(tupleElement(t, 3), 'UTC'), tupleElement(t, 4), tupleElement(t, 5), "
+        "fromUnixTimestamp64Milli({at:Int64}, 'UTC') "
+        "FROM (SELECT arrayJoin({rows:Array(Tuple(String, Int64, Int64, UInt64, UInt64))}) AS t)",
         parameters={"rows": rows, "at": computed_at_ms},
     )
 
 
-def load_day_index(client: Client) -> dict[tuple[str, int], tuple[int, int]]:
-    """(policy_id, day number) → (version, cuts_hash) of the current version of every closed day."""
+def load_segment_index(client: Client) -> dict[tuple[str, int, int], tuple[int, int]]:
+    """(policy_id, start_ms, end_ms) → (version, cuts_hash) of the current version of every closed segment."""
     rows = client.query(
-        "SELECT policy_id, toInt32(toRelativeDayNum(day) - toRelativeDayNum(toDate('1970-01-01'))), version, cuts_hash "
-        "FROM limit_days FINAL"
+        "SELECT policy_id, toUnixTimestamp64Milli(start), toUnixTimestamp64Milli(end), version, cuts_hash "
+        "FROM limit_segments FINAL"
     ).result_rows
-    return {(p, int(d)): (int(v), int(h)) for p, d, v, h in rows}
+    return {(p, int(a), int(b)): (int(v), int(h)) for p, a, b, v, h in rows}
 
 
-def day_sums(client: Client, entries: list[tuple[str, int, int, int]], resets: list[tuple[str, str, int]]) -> pa.Table:
-    """Σ sign × usage per (policy_id, value_key) over closed-day versions ``(policy_id, day, version, sign)``,
-    and ``n``, Σ sign × (rows): a key whose ``n`` nets to 0 has no closed-day row left.
+_ENTRIES = "Array(Tuple(String, Int64, Int64, UInt64))"
 
-    ``resets`` ``(policy_id, value_key, day)``: that key only counts days from ``day`` on (the
-    day of its reset was itself computed from the reset instant)."""
+
+def segment_sums(client: Client, entries: list[tuple[str, int, int, int, int]], resets: list[tuple[str, str, int]]) -> pa.Table:
+    """Σ sign × usage per (policy_id, value_key) over segment versions ``(policy_id, start, end, version, sign)``,
+    and ``n``, Σ sign × (rows): a key whose ``n`` nets to 0 has no segment row left.
+
+    ``resets`` ``(policy_id, value_key, at_ms)``: that key only counts segments ending after ``at_ms`` (the
+    segment holding the reset was itself computed from the reset instant)."""
     if not entries:
         return pa.table({"policy_id": pa.array([], pa.string()), "value_key": pa.array([], pa.string()),
                          "usage": pa.array([], pa.float64()), "n": pa.array([], pa.int64())})
-    plus = [(p, d, v) for p, d, v, s in entries if s > 0]
-    minus = [(p, d, v) for p, d, v, s in entries if s < 0]
+    listed = ("SELECT tupleElement(t, 1) AS policy_id, fromUnixTimestamp64Milli(tupleElement(t, 2), 'UTC') AS start, "
+              "fromUnixTimestamp64Milli(tupleElement(t, 3), 'UTC') AS end, tupleElement(t, 4) AS version, "
+              "tupleElement(t, 5) AS sign FROM (SELECT arrayJoin({entries:Array(Tuple(String, Int64, Int64, UInt64, Int8))}) AS t)")
+    # the IN reads only the listed segments (primary key); the join (a hash table) brings each one's sign
     return client.query_arrow(
-        "SELECT policy_id, value_key, sum(if((policy_id, dn, version) IN {minus:Array(Tuple(String, Int32, UInt64))}, "
-        "-usage, usage)) AS usage, sum(if((policy_id, dn, version) IN {minus:Array(Tuple(String, Int32, UInt64))}, -1, 1)) AS n FROM "
-        "(SELECT *, toInt32(toRelativeDayNum(day) - toRelativeDayNum(toDate('1970-01-01'))) AS dn FROM limit_day_usage "
-        "WHERE (policy_id, day, version) IN "
-        "(SELECT tupleElement(t, 1), addDays(toDate('1970-01-01'), tupleElement(t, 2)), tupleElement(t, 3) "
-        " FROM (SELECT arrayJoin(arrayConcat({plus:Array(Tuple(String, Int32, UInt64))}, "
-        "{minus:Array(Tuple(String, Int32, UInt64))})) AS t))) "
-        "WHERE dn >= transform(concat(policy_id, ':', value_key), {rk:Array(String)}, {rd:Array(Int32)}, toInt32(-100000)) "
+        "SELECT u.policy_id AS policy_id, u.value_key AS value_key, sum(e.sign * u.usage) AS usage, "
+        "sum(toInt64(e.sign)) AS n "
+        "FROM (SELECT policy_id, start, end, version, value_key, usage FROM limit_segment_usage "
+        f"      WHERE (policy_id, start, end, version) IN (SELECT policy_id, start, end, version FROM ({listed}))) AS u "
+        f"INNER JOIN ({listed}) AS e "
+        "ON u.policy_id = e.policy_id AND u.start = e.start AND u.end = e.end AND u.version = e.version "
+        "WHERE toUnixTimestamp64Milli(u.end) > transform(concat(u.policy_id, ':', u.value_key), {rk:Array(String)}, "
+        "{rat:Array(Int64)}, toInt64(-1)) "
         "GROUP BY policy_id, value_key",
-        parameters={"plus": plus, "minus": minus, "rk": [f"{p}:{v}" for p, v, _ in resets], "rd": [d for _, _, d in resets]},
+        parameters={"entries": [(p, a, b, v, 1 if s > 0 else -1) for p, a, b, v, s in entries],
+                    "rk": [f"{p}:{v}" for p, v, _ in resets], "rat": [a for _, _, a in resets]},
     )
 
 
-def delete_stale_days(client: Client, keep: list[tuple[str, int, int]], organisations: list[str] | None = None) -> None:
-    """Drop closed-day rows (of policies of ``organisations``, or of all) that are not a current version
-    in ``keep`` ``(policy_id, day, version)``: superseded versions, days outside every window, archived
-    policies. A background mutation."""
-    scope = "" if organisations is None else (
-        "policy_id IN (SELECT id FROM limit_policies WHERE organisation_id IN {orgs:Array(String)}) AND ")
-    params: dict[str, Any] = {"keep": keep}
+def delete_stale_segments(client: Client, keep: list[tuple[str, int, int, int]], cutoff: int,
+                          organisations: list[str] | None = None) -> None:
+    """Drop segment rows (of policies of ``organisations``, or of all) older than version ``cutoff`` that are not
+    a current version in ``keep`` ``(policy_id, start_ms, end_ms, version)``: superseded versions, segments
+    outside every window, archived policies. A mutation (waited for: the job runs it on a thread of its own).
+    Rows of a version ≥ ``cutoff`` (computed after ``keep`` was taken) are never touched."""
+    scope = "version < {cutoff:UInt64} AND " + ("" if organisations is None else (
+        "policy_id IN (SELECT id FROM limit_policies WHERE organisation_id IN {orgs:Array(String)}) AND "))
+    params: dict[str, Any] = {"keep": keep, "cutoff": cutoff}
     if organisations is not None:
         params["orgs"] = organisations
-    client.command(
-        f"ALTER TABLE limit_day_usage DELETE WHERE {scope}(policy_id, day, version) NOT IN "
-        "(SELECT tupleElement(t, 1), addDays(toDate('1970-01-01'), tupleElement(t, 2)), tupleElement(t, 3) "
-        " FROM (SELECT arrayJoin({keep:Array(Tuple(String, Int32, UInt64))}) AS t))",
-        parameters=params,
-    )
-    client.command(
-        f"ALTER TABLE limit_days DELETE WHERE {scope}(policy_id, day) NOT IN "
-        "(SELECT tupleElement(t, 1), addDays(toDate('1970-01-01'), tupleElement(t, 2)) "
-        " FROM (SELECT arrayJoin({keep:Array(Tuple(String, Int32, UInt64))}) AS t))",
-        parameters=params,
-    )
+    kept = ("(SELECT tupleElement(t, 1), fromUnixTimestamp64Milli(tupleElement(t, 2), 'UTC'), "
+            "fromUnixTimestamp64Milli(tupleElement(t, 3), 'UTC')VERSION "
+            f"FROM (SELECT arrayJoin({{keep:{_ENTRIES}}}) AS t))")
+    client.command(f"ALTER TABLE limit_segment_usage DELETE WHERE {scope}(policy_id, start, end, version) NOT IN "
+                   + kept.replace("VERSION", ", tupleElement(t, 4)"), parameters=params, settings={"mutations_sync": 1})
+    client.command(f"ALTER TABLE limit_segments DELETE WHERE {scope}(policy_id, start, end) NOT IN "
+                   + kept.replace("VERSION", ""), parameters=params, settings={"mutations_sync": 1})
 
 
 # --------------------------------------------------------------------------- job state
@@ -567,3 +582,27 @@ def find_entity(client: Client, policy_id: str, entity: str) -> str | None:
         parameters={"p": policy_id, "e": entity},
     ).result_rows
     return rows[0][0] if rows else None
+
+
+def derive_days(client: Client, days: list[tuple[str, int, int]], resets: list[tuple[str, str, int]], version: int) -> None:
+    """Write each day segment ``(policy_id, start_ms, end_ms)`` as the sum of the current versions of its hour
+    segments (which must cover it), instead of counting ``generations`` again. ``resets`` ``(policy_id, value_key,
+    at_ms)`` inside those days: a key only counts hours ending after its reset (as ``segment_sums``)."""
+    if not days:
+        return
+    client.command(
+        "INSERT INTO limit_segment_usage (policy_id, start, end, version, value_key, usage) "
+        "SELECT policy_id, fromUnixTimestamp64Milli(transform(policy_id, {pids:Array(String)}, {starts:Array(Int64)}, toInt64(0)), 'UTC'), "
+        "fromUnixTimestamp64Milli(transform(policy_id, {pids:Array(String)}, {ends:Array(Int64)}, toInt64(0)), 'UTC'), "
+        "{version:UInt64}, value_key, sum(usage) FROM limit_segment_usage "
+        "WHERE policy_id IN {pids:Array(String)} AND (policy_id, start, end, version) IN ("
+        " SELECT policy_id, start, end, version FROM limit_segments FINAL WHERE policy_id IN {pids:Array(String)} "
+        " AND toUnixTimestamp64Milli(end) - toUnixTimestamp64Milli(start) <= 3600000 "
+        " AND toUnixTimestamp64Milli(start) >= transform(policy_id, {pids:Array(String)}, {starts:Array(Int64)}, toInt64(0)) "
+        " AND toUnixTimestamp64Milli(end) <= transform(policy_id, {pids:Array(String)}, {ends:Array(Int64)}, toInt64(0))) "
+        "AND toUnixTimestamp64Milli(end) > transform(concat(policy_id, ':', value_key), {rk:Array(String)}, "
+        "{rat:Array(Int64)}, toInt64(-1)) "
+        "GROUP BY policy_id, value_key",
+        parameters={"pids": [p for p, _, _ in days], "starts": [a for _, a, _ in days], "ends": [b for _, _, b in days],
+                    "version": version, "rk": [f"{p}:{v}" for p, v, _ in resets], "rat": [a for _, _, a in resets]},
+    )

@@ -24,7 +24,8 @@
    - **steady**: ``--refreshes`` refreshes, each after inserting 1,000 new generations of the
      last minute (live traffic), 10 s apart on the job's clock; the figure the target is about;
    - **late events**: 1,000 generations of 2026-11-19 (a closed day) inserted, then a refresh;
-   - **new day**: "now" moves to 2026-11-21 00:00:05, so 2026-11-20 becomes a closed day.
+   - **new day**: "now" moves to 2026-11-21 00:00:05: 2026-11-20's last hour closes;
+   - **noon**: 12:00:05, when 2026-11-20's hours give way to one day segment (written from them).
 
    Each refresh prints its total and its steps. The target: one refresh ≤ 2 s.
 
@@ -218,6 +219,8 @@ def refresh_bench(args) -> None:
         now[0] = datetime(2026, 11, 21, 0, 0, 5, tzinfo=UTC)
         results.append(show("new day (Nov 20 closes)", job.run_once()))
         results.append(show("new day, next refresh", job.run_once()))
+        now[0] = datetime(2026, 11, 21, 12, 0, 5, tzinfo=UTC)
+        results.append(show("noon (Nov 20 → one day)", job.run_once()))
         wall = time.perf_counter() - t0
         machine, own = (a - b for a, b in zip(data.cpu_seconds(), busy0))
         steady.sort()

@@ -200,9 +200,12 @@ def test_windows_split_into_closed_days_and_hours():
     day0 = ms(datetime(2026, 11, 20, tzinfo=UTC))
     start = ms(datetime(2026, 11, 18, 15, 20, tzinfo=UTC))
     usage_ = PolicyWindow("p", "usage_limits", None, start, day0 + 11 * D, [])
-    closed, live = split(usage_, now)
-    assert closed == [(start, day0 - D), (day0 - D, day0)] + [(day0 + h * H, day0 + (h + 1) * H) for h in range(10)]
+    closed, live = split(usage_, now)  # before noon: yesterday in hours
+    assert closed == [(start, day0 - D)] + [(day0 - D + h * H, day0 - D + (h + 1) * H) for h in range(34)]
     assert live == [(day0 + 10 * H, day0 + 11 * D)]
+    closed, live = split(usage_, now + 3 * H)  # after noon: yesterday as one day
+    assert closed == [(start, day0 - D), (day0 - D, day0)] + [(day0 + h * H, day0 + (h + 1) * H) for h in range(13)]
+    assert live == [(day0 + 13 * H, day0 + 11 * D)]
     fresh = PolicyWindow("p", "usage_limits", None, now - 60_000, None, [])  # created in the current hour
     assert split(fresh, now) == ([], [(now - 60_000, None)])
     rpd = PolicyWindow("r", "rate_limits", None, now - D + 1, now + 1, [])
@@ -347,7 +350,6 @@ def test_counters_follow_periods_resets_late_events_and_redelivery(lapi, lsettin
     for vk in exhausted_in_october:
         assert before[f"{s.ids['month']}:{vk}"]["status"] == "exhausted"
     b = run("2026-11-01T08:00:00")
-    assert reports[-1].closed_days_derived > 0  # Oct 31 closed: written from the hours counted the evening before
     # a new month starts at zero: the October records of the monthly policy are tombstoned
     after = state_view(states.read())
     for vk in exhausted_in_october:
@@ -369,9 +371,11 @@ def test_counters_follow_periods_resets_late_events_and_redelivery(lapi, lsettin
         log(org, "2026-11-02T00:00:00.000", rng=rng, user="alice", tokens=200)]
     s.publish(third, again=rng.sample(third, 10))
     run("2026-11-01T18:00:00")
+    assert reports[-1].closed_days_derived > 0  # after noon Oct 31 is one day, written from the hours counted before
     run("2026-11-01T23:30:00")  # Nov 1's hours, resets inside, counted as they close…
     c = run("2026-11-02T09:00:00")
-    assert reports[-1].closed_days_derived > 0  # …so the closed Nov 1 is written from them
+    run("2026-11-02T13:00:00")
+    assert reports[-1].closed_days_derived > 0  # …and after noon the closed Nov 1 is written from them
     assert "metadata._user:alice" in c["week"]
 
     # stage 4: late events with old timestamps (closed days), and a redelivery of stage 3

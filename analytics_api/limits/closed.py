@@ -5,7 +5,10 @@ rate limit a day; scanning that every few seconds is too slow (≈6–9 s for a 
 generations). So a window is cut into *segments*:
 
 - usage limits: every UTC **day** of the window before today, then every **hour** of
-  today before the current one (the first may start later, at the window start);
+  today before the current one (the first may start later, at the window start); until
+  12:00 UTC yesterday's hours too. A day whose hours are stored is then written as their
+  sum (``derive_days``): the totals do not change, so nothing is read for them, and the
+  refresh that closes a day only counts its last hour;
 - rate limits: every whole **hour** inside the sliding window that is over;
 
 and each segment is counted once per policy, stored in ClickHouse
@@ -66,6 +69,7 @@ from warehouse.queries.limits import Part, Reset, Slot
 log = logging.getLogger(__name__)
 
 HOUR_MS = 3_600_000
+DAYS_FROM_HOURS_AFTER_MS = 12 * HOUR_MS  # yesterday's hours give way to one day segment at 12:00 UTC
 SNAPSHOT = "generations_parts"
 TOTALS_SCHEMA = {"policy_id": pl.String, "value_key": pl.String, "usage": pl.Float64, "n": pl.Int64}
 SPAN_PER_QUERY_MS = 4 * DAY_MS  # segments computed together: at most this much time per query
@@ -168,11 +172,14 @@ def closed_of(p: PolicyWindow, now_ms: int) -> list[Segment]:
         return [(h, h + HOUR_MS) for h in range(first, last, HOUR_MS)]
     closed: list[Segment] = []
     today0 = now_ms // DAY_MS * DAY_MS
-    for d in range(ws // DAY_MS, today0 // DAY_MS):
+    # hours for today, and for yesterday until noon: the day that just ended becomes one segment (written from
+    # its hours, at no cost to the totals) half a day later, not in the refresh that also closes the day
+    hours_from = today0 - DAY_MS if now_ms - today0 < DAYS_FROM_HOURS_AFTER_MS else today0
+    for d in range(ws // DAY_MS, hours_from // DAY_MS):
         lo, hi = max(ws, d * DAY_MS), (d + 1) * DAY_MS if we is None else min(we, (d + 1) * DAY_MS)
         if lo < hi:
             closed.append((lo, hi))
-    for h in range(max(ws, today0) // HOUR_MS, hour0 // HOUR_MS):
+    for h in range(max(ws, hours_from) // HOUR_MS, hour0 // HOUR_MS):
         lo, hi = max(ws, h * HOUR_MS), (h + 1) * HOUR_MS if we is None else min(we, (h + 1) * HOUR_MS)
         if lo < hi:
             closed.append((lo, hi))

@@ -25,6 +25,7 @@
      last minute (live traffic), 10 s apart on the job's clock; the figure the target is about;
    - **late events**: 1,000 generations of 2026-11-19 (a closed day) inserted, then a refresh;
    - **new day**: "now" moves to 2026-11-21 00:00:05: 2026-11-20's last hour closes;
+   - **hours**: one refresh just after each hour of the morning (each closes an hour);
    - **noon**: 12:00:05, when 2026-11-20's hours give way to one day segment (written from them).
 
    Each refresh prints its total and its steps. The target: one refresh ≤ 2 s.
@@ -219,6 +220,13 @@ def refresh_bench(args) -> None:
         now[0] = datetime(2026, 11, 21, 0, 0, 5, tzinfo=UTC)
         results.append(show("new day (Nov 20 closes)", job.run_once()))
         results.append(show("new day, next refresh", job.run_once()))
+        hourly = []
+        for h in range(1, 12):  # each hour of the morning closes
+            now[0] = datetime(2026, 11, 21, h, 0, 5, tzinfo=UTC)
+            insert_live(client, now[0], 1000, 60, f"h{h}")
+            hourly.append(job.run_once())
+        worst = max(hourly, key=lambda r: r.seconds)
+        results.append(show(f"hours close 01:00-11:00 (worst of {len(hourly)})", worst))
         now[0] = datetime(2026, 11, 21, 12, 0, 5, tzinfo=UTC)
         results.append(show("noon (Nov 20 → one day)", job.run_once()))
         wall = time.perf_counter() - t0

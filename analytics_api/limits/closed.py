@@ -51,6 +51,7 @@ affected, so only cumulative policies older than that.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import logging
 import threading
@@ -72,7 +73,8 @@ HOUR_MS = 3_600_000
 DAYS_FROM_HOURS_AFTER_MS = 12 * HOUR_MS  # yesterday's hours give way to one day segment at 12:00 UTC
 SNAPSHOT = "generations_parts"
 TOTALS_SCHEMA = {"policy_id": pl.String, "value_key": pl.String, "usage": pl.Float64, "n": pl.Int64}
-SPAN_PER_QUERY_MS = 4 * DAY_MS  # segments computed together: at most this much time per query
+SPAN_PER_QUERY_MS = 4 * DAY_MS  # segments computed together: at most this much time per query…
+SLOTS_PER_QUERY = 4_000  # …and this many (policy, segment) pairs (bounds the query's memory)
 
 Segment = tuple[int, int]  # [start_ms, end_ms)
 
@@ -143,6 +145,12 @@ class Dirty:
             return True
         i = bisect.bisect_left(self.starts, end)  # ranges starting before `end`
         return i > 0 and self.ends[i - 1] > start
+
+
+@functools.lru_cache(maxsize=200_000)
+def _plain_hash(start: int, end: int) -> int:
+    """The cuts hash of a segment without resets (most are: shared by every policy over the same hour or day)."""
+    return cuts_hash(start, end, [])
 
 
 def cuts_hash(start: int, end: int, resets: list[tuple[str, int]]) -> int:
@@ -303,7 +311,7 @@ class ClosedSegments:
     @staticmethod
     def _cuts(p: PolicyWindow, seg: Segment) -> tuple[list[tuple[str, int]], int]:
         inside = [(vk, at) for vk, at in p.resets if seg[0] <= at < seg[1]]
-        return inside, cuts_hash(seg[0], seg[1], inside)
+        return inside, (cuts_hash(seg[0], seg[1], inside) if inside else _plain_hash(seg[0], seg[1]))
 
     def _cleanup(self, keep: list[tuple[str, int, int, int]], cutoff: int) -> None:
         """Delete segment rows that no longer count, on a thread with a client of its own (a mutation over every
@@ -367,7 +375,7 @@ class ClosedSegments:
         todo.sort(key=lambda k: k[1])
         batch: list[tuple[str, int, int]] = []
         for k in todo:
-            if batch and k[2] - batch[0][1] > SPAN_PER_QUERY_MS:
+            if batch and (k[2] - batch[0][1] > SPAN_PER_QUERY_MS or len(batch) >= SLOTS_PER_QUERY):
                 self._compute_batch(batch, needed, policies, now_ms)
                 batch = []
             batch.append(k)
@@ -410,6 +418,8 @@ class ClosedSegments:
                 entries += [(p.policy_id, a, b, v, 1) for (a, b), v in want.items()]
                 continue
             had = before[1]
+            if want == had:
+                continue
             counted: set[Segment] = set()  # hours a derived day stands for that are in the totals already
             for (a, b), v in want.items():
                 if had.get((a, b)) == v:

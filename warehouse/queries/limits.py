@@ -2,9 +2,10 @@
 
 One query answers every policy at once. The input is a list of *slots*: a policy's
 counting rule (organisation, conditions, group_by, measure) over a time range
-``[start, end)``. The live refresh has one slot per policy (from the start of the
-current UTC day, or the later window start, on); the closed-day cache has one slot
-per (policy, day). ClickHouse does the work in two steps, never returning rows:
+``[start, end)``. The live refresh has a slot per range a policy's closed segments
+leave (its current hour; a sliding window's two edge hours); the closed segments have
+one slot per (policy, day or hour). ClickHouse does the work in two steps, never
+returning rows; it reads only the union of the slot ranges:
 
 1. **Per shape.** A policy's *shape* is the sorted set of dimension keys it reads
    (its condition keys and group_by keys). Each generation of an organisation with
@@ -204,8 +205,8 @@ def plan(slots: list[Slot], resets: list[Reset] = ()) -> Plan:
         reset_keys.append(f"{r.slot}:{r.value_key}")
         reset_segs.append(EXCLUDED if s.end_ms is not None and r.at_ms >= s.end_ms else seg(r.at_ms))
 
-    # a row is only expanded into the shapes that have a slot covering its segment (the live query
-    # reads the last day for rate limits; usage shapes start at the current day)
+    # a row is only expanded into the shapes that have a slot covering its segment (in the live query,
+    # usage shapes start at the current hour, a sliding window's a day earlier)
     shape_first = [top] * len(shapes)
     for i, s in enumerate(slots):
         k = shapes[_shape(s)]
@@ -331,7 +332,7 @@ def generations_identity(client: Client) -> str:
 
 
 def generation_parts(client: Client) -> dict[str, Part]:
-    """The active parts of ``generations`` (by ``name@modification time``): what closed days are computed from."""
+    """The active parts of ``generations`` (by ``name@modification time``): what closed segments are computed from."""
     rows = client.query(
         "SELECT name, partition_id, min_block_number, max_block_number, data_version, "
         "toUnixTimestamp(min_time), toUnixTimestamp(max_time), level, toUnixTimestamp(modification_time) "

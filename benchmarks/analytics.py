@@ -15,9 +15,12 @@
    request/response bodies. By default time grows with the insert order, as ingest
    writes a live stream (`--layout shuffled`: every INSERT spans the whole window, like a
    backfill, the worst case for FINAL). Feedback for 5 % of the generations (value
-   −10..10, weight 0..1, by trace), 5 % of it updated once (a second version). Nothing
-   is optimized: the tables are measured as the inserts and background merges leave
-   them (the number of active parts is printed).
+   −10..10, weight 0..1, by trace), 5 % of it updated once (a second version). The
+   newest 1M rows (the last 3 days) arrive in 40,000-row inserts, as ingest writes
+   them. Then one settle pass, as `tollgate up` runs it (warehouse/settle.py), with "now"
+   30 minutes after the last day ended: every earlier day becomes one merged part, the
+   last day stays as the inserts and background merges left it (deduplicated at read
+   time). Nothing else is optimized (the number of active parts is printed).
 2. Query: an organisation API key, `create_app(Settings(data_dir=…), pool_size=2)`,
    called in-process with FastAPI's TestClient. Every endpoint of docs/analytics.md
    (17 graphs, summary/cache, groups users / ai-models / metadata/_user / metadata/env /
@@ -52,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +68,11 @@ START_MS = 1792627200000  # 2026-10-22T00:00:00Z: 30 days up to the end of 2026-
 DAYS = 30
 WINDOW = {"time_of_generation_min": "2026-10-22T00:00:00+00:00", "time_of_generation_max": "2026-11-20T23:59:59.999+00:00"}
 CHUNK = 1_000_000
+INGEST_CHUNK = 40_000  # the newest CHUNK rows arrive in inserts of ingest's default batch size
+# "now" for the settle pass: 2026-11-21 00:30 UTC. The last day ended 30 minutes ago, inside
+# the 1-hour grace, so it stays as ingest and background merges left it (several parts,
+# deduplicated at read time); every earlier day is settled, as `tollgate up` would have done.
+SETTLE_NOW_MS = START_MS + DAYS * 86_400_000 + 30 * 60_000
 TARGET_P50_MS, TARGET_P95_MS, TARGET_RSS_MIB = 100.0, 300.0, 1536.0
 MARKER = "tollgate-analytics-bench.json"
 
@@ -353,18 +362,29 @@ def load(data_dir: Path, rows: int, layout: str) -> dict:
         client.command("TRUNCATE TABLE generations")
         client.command("TRUNCATE TABLE feedback")
     t0 = time.perf_counter()
-    for start in range(0, rows, CHUNK):
-        count = min(CHUNK, rows - start)
+    live = max(rows - CHUNK, 0)
+    inserts = [(s, min(CHUNK, live - s)) for s in range(0, live, CHUNK)]
+    inserts += [(s, min(INGEST_CHUNK, rows - s)) for s in range(live, rows, INGEST_CHUNK)]
+    for start, count in inserts:
         c0 = time.perf_counter()
         client.command(generations_sql(start, count, rows, layout))
-        print(f"  generations {start + count:>12,} / {rows:,}  ({time.perf_counter() - c0:.1f} s)", flush=True)
+        if count == CHUNK or start + count == rows:
+            print(f"  generations {start + count:>12,} / {rows:,}  ({time.perf_counter() - c0:.1f} s)", flush=True)
     gen_s = time.perf_counter() - t0
     client.command(FEEDBACK_SQL.format(org=ORG))
     client.command(FEEDBACK_UPDATE_SQL.format(org=ORG))
     load_s = time.perf_counter() - t0
-    info = {"rows": rows, "layout": layout, "migrations": migrations, "load_seconds": round(load_s, 1), "generations_seconds": round(gen_s, 1), "reused": False}
+    from warehouse.settle import settle
+
+    s0 = time.perf_counter()
+    settled = settle(client, now=datetime.fromtimestamp(SETTLE_NOW_MS / 1000, UTC), max_days=DAYS + 1)
+    settle_s = time.perf_counter() - s0
+    info = {"rows": rows, "layout": layout, "migrations": migrations, "load_seconds": round(load_s, 1),
+            "generations_seconds": round(gen_s, 1), "settle_seconds": round(settle_s, 1), "settled_days": len(settled),
+            "reused": False}
     marker.write_text(json.dumps(info))
-    print(f"loaded in {load_s:.1f} s (generations {gen_s:.1f} s, feedback {load_s - gen_s:.1f} s)", flush=True)
+    print(f"loaded in {load_s:.1f} s (generations {gen_s:.1f} s, feedback {load_s - gen_s:.1f} s); "
+          f"settled {len(settled)} ended days in {settle_s:.1f} s (the last day stays open)", flush=True)
     print_distribution(client)
     return info
 
@@ -590,7 +610,7 @@ def run(args, data_dir: Path) -> None:
             optimized_phase.update(optimize_seconds=round(optimize_s, 1), parts=parts_optimized)
 
     print()
-    print(f"== as loaded (never optimized): active parts generations {parts_before.get('generations', 0)}, "
+    print(f"== as loaded and settled (last day open): active parts generations {parts_before.get('generations', 0)}, "
           f"feedback {parts_before.get('feedback', 0)}")
     print_table(main_phase)
     if optimized_phase:

@@ -1,8 +1,12 @@
 """End-to-end ingest rate vs the raw kafka-python consume rate, in one run.
 
     .venv/bin/python benchmarks/ingest.py [--events 1000000] [--partitions 3] [--batch-size 40000]
+        [--timing live|random]
 
-1. Starts the embedded broker and produces N gateway logs of ≈1.5 KB.
+1. Starts the embedded broker and produces N gateway logs of ≈1.5 KB. By default their
+   created_at follows the production order over 24 days (±2 minutes), as a gateway's
+   live stream does, so a batch touches one or two daily partitions of generations;
+   `--timing random` spreads them over all 24 days (every batch writes 24 parts).
 2. Baseline: a bare kafka-python consumer (same fetch settings as ingest) reads
    all N and does nothing else → raw consume rate.
 3. End to end: a real `tollgate ingest` process (own embedded warehouse, one worker
@@ -24,6 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
@@ -39,10 +44,26 @@ from tollgate.broker import EmbeddedBroker  # noqa: E402
 WORDS = "the model answered with a long and careful explanation of the question about tokens latency cost".split()
 
 
-def event(rng: random.Random, org: str) -> dict:
+SPAN_MS = 24 * 86_400_000  # the produced stream covers 2026-11-01 … 2026-11-24
+START = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+def created_at(rng: random.Random, i: int, n: int, timing: str) -> str:
+    """``live``: the i-th of n events of a gateway's stream, in order of production, ±2 minutes
+    (a request's duration and the gateway's buffering); ``random``: anywhere in the span (a
+    shuffled backfill: every batch touches every day, the worst case for daily partitions)."""
+    if timing == "live":
+        ms = i * SPAN_MS // n + rng.randrange(-120_000, 120_000)
+    else:
+        ms = rng.randrange(SPAN_MS)
+    ts = START + timedelta(milliseconds=min(max(ms, 0), SPAN_MS - 1))
+    return ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
+
+
+def event(rng: random.Random, org: str, ts: str | None = None) -> dict:
     log_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
     req, res = rng.randrange(10, 4000), rng.randrange(1, 1500)
-    ts = f"2026-11-{rng.randrange(1, 25):02d}T{rng.randrange(24):02d}:{rng.randrange(60):02d}:{rng.randrange(60):02d}.{rng.randrange(1000):03d}Z"
+    ts = ts or created_at(rng, rng.randrange(1000), 1000, "random")
     text = " ".join(rng.choice(WORDS) for _ in range(44))
     model = rng.choice(["gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet-20241022", "gemini-1.5-pro"])
     status = rng.choice([200] * 30 + [429, 500])
@@ -132,6 +153,8 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--partitions", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=40_000)
+    ap.add_argument("--timing", choices=["live", "random"], default="live",
+                    help="created_at of the events: a live stream in order (default) or random over 24 days")
     args = ap.parse_args()
     n = args.events
     tmp = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
@@ -139,7 +162,7 @@ def main() -> None:
     with EmbeddedBroker() as broker:
         ensure_topics(broker.bootstrap, [topic, "bench.feedback", "bench.audit", "bench.dead-letter"], args.partitions)
         rng = random.Random(1)
-        payloads = [orjson.dumps(event(rng, org)) for _ in range(n)]
+        payloads = [orjson.dumps(event(rng, org, created_at(rng, i, n, args.timing))) for i in range(n)]
         avg = sum(map(len, payloads)) / n
         producer = make_producer(broker.bootstrap)
         t0 = time.perf_counter()
@@ -149,7 +172,8 @@ def main() -> None:
         produce_rate = n / (time.perf_counter() - t0)
         producer.close()
         del payloads
-        print(f"produced {n:,} events of {avg:,.0f} bytes on average at {produce_rate:,.0f}/s ({args.partitions} partitions)")
+        print(f"produced {n:,} events of {avg:,.0f} bytes on average at {produce_rate:,.0f}/s ({args.partitions} partitions, "
+              f"{args.timing} timing)")
 
         raw = raw_consume_rate(broker.bootstrap, topic, n)
         print(f"raw kafka-python consume:      {raw:>10,.0f} events/s")

@@ -42,7 +42,7 @@ class InvalidEvent(ValueError):
 # --------------------------------------------------------------------------- gateway logs
 
 
-class AnalyticsMetrics(msgspec.Struct, forbid_unknown_fields=False):
+class AnalyticsMetrics(msgspec.Struct, forbid_unknown_fields=False, gc=False):
     id: str | None = None
     organisation_id: str | None = None
     organisation_name: Short | None = None
@@ -100,7 +100,7 @@ class AnalyticsMetrics(msgspec.Struct, forbid_unknown_fields=False):
 _RAW_EMPTY = msgspec.Raw(b"")
 
 
-class LogRequest(msgspec.Struct):
+class LogRequest(msgspec.Struct, gc=False):
     url: str
     method: Short = ""
     headers: msgspec.Raw = _RAW_EMPTY
@@ -108,7 +108,7 @@ class LogRequest(msgspec.Struct):
     portkeyHeaders: msgspec.Raw = _RAW_EMPTY
 
 
-class LogResponse(msgspec.Struct):
+class LogResponse(msgspec.Struct, gc=False):
     status: Status
     responseTime: NonNeg | None = None
     lastUsedOptionJsonPath: Short = ""
@@ -116,7 +116,7 @@ class LogResponse(msgspec.Struct):
     body: msgspec.Raw = _RAW_EMPTY
 
 
-class GatewayLog(msgspec.Struct):
+class GatewayLog(msgspec.Struct, gc=False):
     created_at: datetime
     organisation_id: Id
     request: LogRequest

@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 # ClickHouse reads the JSON objects and arrays of body columns as their own text.
 # optimize_on_insert=0: collapsing duplicates inside a fresh part costs a quarter of
 # the insert's CPU and buys nothing, since merges and FINAL collapse them anyway.
+# input_format_parallel_parsing=0: a batch is tens of MB; parsing it on one thread
+# costs less CPU and about 50 MB less memory, and the worker decodes meanwhile.
 INSERT_SETTINGS = {
+    "input_format_parallel_parsing": 0,
     "insert_deduplicate": 1,
     "optimize_on_insert": 0,
     "input_format_json_read_objects_as_strings": 1,

@@ -61,5 +61,5 @@ def test_stored_types_are_the_documented_ones(warehouse):
     assert types["ai_model"] == "LowCardinality(String)"
     assert types["metadata.key"] == "Array(LowCardinality(String))"
     ddl = warehouse.command("SELECT create_table_query FROM system.tables WHERE database = currentDatabase() AND name = 'generations'")
-    assert "ZSTD(3)" in ddl and "toYYYYMM(created_at)" in ddl
+    assert "ZSTD(3)" in ddl and "PARTITION BY toDate(created_at)" in ddl
     assert "ORDER BY (organisation_id, workspace_slug, created_at, id)" in ddl

@@ -10,10 +10,21 @@ import pytest
 
 from analytics_api.auth import SCOPES
 
-OPEN = {("get", "/v1/health")}
+OPEN = {
+    ("get", "/v1/health"),
+    # A file of a local export, reached by the signed URL GET /v1/logs/exports/{id}/download hands out:
+    # the URL's HMAC signature and expiry are the credential (tested in test_exports.py: 403 when
+    # tampered with or expired), so a browser or curl can fetch it without the API key.
+    ("get", "/v1/logs/exports/{exportId}/files/{name}"),
+}
 
 # The scope each route family needs (docs/api.md).
 SCOPE_BY_PREFIX = [
+    # before the /v1/logs entries, which they would otherwise match
+    (("get", "/v1/logs/exports"), "exports.read"),
+    (("post", "/v1/logs/exports"), "exports.write"),
+    (("put", "/v1/logs/exports"), "exports.write"),
+    (("delete", "/v1/logs/exports"), "exports.write"),
     (("get", "/v1/analytics/"), "analytics.read"),
     (("get", "/v1/logs/"), "logs.read"),
     (("post", "/v1/logs"), "logs.write"),
@@ -57,7 +68,8 @@ def call(api, method: str, path: str, key: str | None):
 def test_the_app_has_the_routes_of_every_router(api):
     found = {p for _, p in routes(api)}
     for expected in ("/v1/analytics/graphs/requests", "/v1/logs/{logId}", "/v1/logs", "/v1/feedback",
-                     "/v1/feedback/{id}", "/v1/audit-logs", "/v1/api-keys"):
+                     "/v1/feedback/{id}", "/v1/audit-logs", "/v1/api-keys", "/v1/logs/exports",
+                     "/v1/logs/exports/{exportId}/download", "/v1/logs/exports/schedules/{scheduleId}/runs"):
         assert expected in found, expected
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,16 @@ def cmd_migrate(args) -> int:
     s = _settings(args)
     applied = migrate(connect(s.warehouse_dsn), s.retention_days, audit_retention_days=s.audit_retention_days)
     print(f"{len(applied)} migration(s) applied" + (": " + ", ".join(applied) if applied else ""))
+    return 0
+
+
+def cmd_settle(args) -> int:
+    from warehouse.client import connect
+    from warehouse.settle import settle
+
+    s = _settings(args)
+    done = settle(connect(s.warehouse_dsn), max_days=args.max_days)
+    print(f"settled {len(done)} day(s)" + (": " + ", ".join(str(d.day) for d in done) if done else ""))
     return 0
 
 
@@ -117,6 +128,12 @@ def cmd_pricing_refresh(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from exports.shell import run
+
+    return run(args, _settings(args))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tollgate", description=__doc__)
     p.add_argument("--log-level", default="WARNING", help="Python log level (default WARNING)")
@@ -132,6 +149,11 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("migrate", help="apply pending warehouse migrations")
     m.add_argument("--data-dir")
     m.set_defaults(func=cmd_migrate)
+
+    st = sub.add_parser("settle", help="merge each ended day of generations into one part (cheap FINAL reads)")
+    st.add_argument("--max-days", type=int, help="settle at most this many days, newest first")
+    st.add_argument("--data-dir")
+    st.set_defaults(func=cmd_settle)
 
     i = sub.add_parser("ingest", help="run ingest consumers only (production role)")
     i.add_argument("--workers", type=int)
@@ -172,13 +194,31 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--from", dest="source", help="a Portkey-AI/models checkout, or a directory of its pricing/*.json")
     pr.add_argument("--to", help="the pricing data directory to update (default: the bundled ingest/pricing_data)")
     pr.set_defaults(func=cmd_pricing_refresh)
+
+    from exports.shell import add_parser as add_export_parser
+
+    add_export_parser(sub)  # tollgate export create|start|status|download
+    sub.choices["export"].set_defaults(func=cmd_export)
     return p
+
+
+# Roles that run until a signal and may hold the embedded engine. They shut down in
+# order themselves (drain, insert, commit, close); then the process ends without the
+# interpreter's teardown, in which chdb's exit-time shutdown has failed ("The
+# ShutdownTablesThreadPool is not initialized") and turned a clean stop into exit 1.
+SERVICE_COMMANDS = {"up", "ingest", "api", "limits"}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    code = args.func(args)
+    if args.command in SERVICE_COMMANDS:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

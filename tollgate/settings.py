@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     # -- warehouse -----------------------------------------------------------
     retention_days: int = Field(365, ge=0, description="TTL of generations in days; 0 keeps rows forever.")
     audit_retention_days: int = Field(365, ge=0, description="TTL of audit_logs in days; 0 keeps rows forever.")
+    settle_interval_seconds: float = Field(
+        300.0, ge=0, description="How often `tollgate up` merges each ended day of generations into one part; 0 = never."
+    )
+    settle_max_days: int = Field(31, ge=1, description="Most days one settle pass merges (newest first).")
 
     # -- audit trail -------------------------------------------------------------
     trusted_proxies: Annotated[list[str], NoDecode] = Field(
@@ -78,6 +82,38 @@ class Settings(BaseSettings):
         4 * 1024 * 1024, ge=1024, description="Largest POST /v1/logs body in bytes; larger is a 413."
     )
     feedback_max_items: int = Field(1_000, ge=1, description="Most feedback items one POST /v1/feedback takes; more is a 413.")
+
+    # -- exports (docs/exports.md) ---------------------------------------------------
+    export_destination: Literal["local", "s3"] = Field(
+        "local", description="Where exports are written: the local export dir, or the S3-compatible bucket below."
+    )
+    export_dir: Path | None = Field(None, description="Local destination directory; default <data dir>/exports.")
+    export_s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL; unset = AWS's default for the region.")
+    export_s3_bucket: str | None = Field(None, description="Bucket of the s3 destination (required for it).")
+    export_s3_prefix: str = Field("tollgate", description="Key prefix of everything Tollgate writes in the bucket.")
+    export_s3_region: str = Field("us-east-1", description="Region of the bucket (and of presigned URLs).")
+    export_s3_access_key_id: str | None = Field(None, description="Unset = boto3's default credential chain.")
+    export_s3_secret_access_key: str | None = Field(None, description="Secret of the access key above.")
+    export_part_rows: int = Field(1_000_000, ge=1, description="A file holds at most this many rows; more go to the next part.")
+    export_row_group_rows: int = Field(
+        262_144, ge=1_024, description="Most rows in one Parquet row group (fewer when rows are wide: about 64 MiB of data)."
+    )
+    export_url_ttl_seconds: int = Field(3_600, ge=1, le=604_800, description="Lifetime of a download URL.")
+    export_signing_secret: str | None = Field(
+        None, description="HMAC secret of local download URLs; unset = generated once into <data dir>/export-signing.key."
+    )
+    export_workers: int = Field(
+        2, ge=1, description="Exports that run at once in one API process, and scheduled windows at once; more wait their turn."
+    )
+    export_schedule_sync_seconds: float = Field(5.0, gt=0, description="How often the scheduler re-reads the schedules.")
+    export_catchup_max_windows: int = Field(
+        1_000, ge=1, description="Most missed windows one schedule catches up at once; older ones are recorded as skipped."
+    )
+    export_run_max_attempts: int = Field(3, ge=1, description="A failed scheduled window is retried until this many attempts.")
+
+    @property
+    def export_root(self) -> Path:
+        return self.export_dir or self.data_dir / "exports"
 
     @cached_property
     def warehouse_dsn(self) -> str:

@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from contextlib import ExitStack
+from datetime import UTC, datetime
 
 import uvicorn
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -27,7 +28,18 @@ from tollgate.broker import EmbeddedBroker
 from tollgate.settings import Settings
 from warehouse.client import connect
 from warehouse.migrate import migrate
+from warehouse.settle import settle
 from warehouse.queries import api_keys
+
+def install_exports(settings: Settings, client, scheduler) -> None:
+    """Exports left in_progress by a previous run are failed (this process owns every runner), and
+    the export schedules are registered on the scheduler (rebuilt from ClickHouse; exports/schedules.py)."""
+    from exports.jobs import recover_interrupted
+    from exports.schedules import ScheduleService
+
+    recover_interrupted(client, settings)
+    ScheduleService(settings).install(scheduler)
+
 
 def say(message: str) -> None:
     print(message, flush=True)
@@ -140,10 +152,16 @@ def up(settings: Settings, host: str, port: int, ingest_workers: int | None = No
         cleanup.callback(workers.stop)  # runs before the broker stops: drain, insert, commit
 
         scheduler = BackgroundScheduler(timezone="UTC")
+        if settings.settle_interval_seconds:
+            settle_client = connect(settings.warehouse_dsn)
+            scheduler.add_job(settle, "interval", seconds=settings.settle_interval_seconds, args=[settle_client],
+                              kwargs={"max_days": settings.settle_max_days}, id="settle", max_instances=1,
+                              coalesce=True, next_run_time=datetime.now(UTC))
         scheduler.start()
         cleanup.callback(scheduler.shutdown, wait=True)
         limits_job = limits.schedule(scheduler, settings, bootstrap)  # counters, alerts, the state feed (docs/limits.md)
         cleanup.callback(limits_job.close)  # waits for a refresh in flight
+        install_exports(settings, client, scheduler)  # scheduled exports, and exports a crash left running
 
         api = ApiServer(create_app(settings, bootstrap), host, port)
         api.start()

@@ -23,6 +23,9 @@ from clickhouse_connect.driver.exceptions import ProgrammingError
 # aggregates analytics relies on.
 SESSION_SETTINGS: dict[str, Any] = {
     "date_time_output_format": "iso",
+    # generations has a partition per day (migration 0015): a batch of late or
+    # backfilled events may span any number of days, and must never be refused for it.
+    "max_partitions_per_insert_block": 0,
 }
 
 

@@ -94,8 +94,8 @@ def compile_where(f: Filters, scope: TenantScope) -> Where:
         params[f"mk{i}"], params[f"mv{i}"] = key, value
         if key == "_user" and value:
             parts.append(f"{USER_EXPR} = {{mv{i}:String}}")
-        elif value:  # a missing key reads as '' (indexOf → 0), which cannot equal a non-empty value
-            parts.append(f"metadata.value[indexOf(metadata.key, {{mk{i}:String}})] = {{mv{i}:String}}")
+        elif value:  # the pair's hash among the request's pair hashes (0016): no string arrays read
+            parts.append(f"has(metadata_pairs, cityHash64({{mk{i}:String}}, {{mv{i}:String}}))")
         else:
             parts.append(f"has(metadata.key, {{mk{i}:String}}) AND metadata.value[indexOf(metadata.key, {{mk{i}:String}})] = ''")
 

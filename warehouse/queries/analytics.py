@@ -29,8 +29,8 @@ MEASURES: dict[str, str] = {
     "completion_tokens": "sum(res_units)",
     "latency_sum": "sum(response_time)",
     "latency_q": "quantilesExact(0.5, 0.9, 0.99)(response_time)",
-    "users": f"uniqExactIf({USER_EXPR}, {USER_EXPR} != '')",
-    "user_requests": f"countIf({USER_EXPR} != '')",
+    "users": "uniqExactIf(user_hash, user_hash != 0)",  # distinct users by their 64-bit hash (0016)
+    "user_requests": "countIf(user_hash != 0)",
     "errors": "countIf(response_status_code >= 400)",
     "error_codes": "sumMapIf([response_status_code], [toUInt64(1)], response_status_code >= 400)",
     "simple_hits": "countIf(cache_status = 'HIT')",

@@ -1,0 +1,70 @@
+"""Settle ended days of ``generations``: one merged part per day, so FINAL need not merge them.
+
+Ingest is at-least-once, so the API reads ``generations`` with FINAL, which merges
+rows by the sorting key at read time. ClickHouse skips that work for a partition
+that is a single part of merge level > 0 (``do_not_merge_across_partitions_select_final``):
+such a part was written by a merge, and a ReplacingMergeTree merge leaves no
+duplicates. The table has a partition per UTC day (migration 0015); this job merges
+(``OPTIMIZE … PARTITION … FINAL``) every day that ended at least ``grace`` ago and is
+not yet a single merged part: new days, and old days that a late or redelivered event
+touched again. Reads are exact before, during and after a settle; only their cost
+changes. `tollgate up` runs it every ``TOLLGATE_SETTLE_INTERVAL_SECONDS``; `tollgate
+settle` runs one pass (for a cron next to a ClickHouse server).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+
+from clickhouse_connect.driver.client import Client
+
+log = logging.getLogger(__name__)
+
+_DAY_ID = re.compile(r"^(\d{4})(\d{2})(\d{2})$")  # partition_id of a toDate() partition
+
+UNSETTLED_DAYS = """
+SELECT partition_id, count() AS parts, sum(rows) AS rows
+FROM system.parts
+WHERE database = currentDatabase() AND table = 'generations' AND active
+GROUP BY partition_id
+HAVING parts > 1 OR max(level) = 0
+ORDER BY partition_id DESC
+"""
+
+
+@dataclass(frozen=True)
+class Day:
+    partition_id: str
+    day: date
+    parts: int
+    rows: int
+
+
+def unsettled(client: Client, now: datetime | None = None, grace: timedelta = timedelta(hours=1)) -> list[Day]:
+    """Days that ended at least ``grace`` before ``now`` and are not one merged part, newest first."""
+    now = now or datetime.now(UTC)
+    last_ended = (now - grace).date() - timedelta(days=1)
+    days = []
+    for partition_id, parts, rows in client.query(UNSETTLED_DAYS).result_rows:
+        match = _DAY_ID.match(partition_id)
+        if not match:
+            continue  # not a day partition (never expected; never formatted into SQL)
+        day = date(*map(int, match.groups()))
+        if day <= last_ended:
+            days.append(Day(partition_id, day, int(parts), int(rows)))
+    return days
+
+
+def settle(client: Client, now: datetime | None = None, grace: timedelta = timedelta(hours=1),
+           max_days: int | None = None) -> list[Day]:
+    """Merge each unsettled ended day into one part (newest first, at most ``max_days``); return them."""
+    done = []
+    for day in unsettled(client, now, grace)[:max_days]:
+        # The partition id comes from system.parts and matched _DAY_ID: digits only.
+        client.command(f"OPTIMIZE TABLE generations PARTITION ID '{day.partition_id}' FINAL")
+        log.info("settled %s: %d parts, %d rows → 1 part", day.day, day.parts, day.rows)
+        done.append(day)
+    return done

@@ -10,6 +10,7 @@ from analytics_api.publish import Publisher
 from analytics_api.routers import analytics, api_keys, custom_logs, feedback, health, logs
 from analytics_api.routers import audit_logs
 from analytics_api.routers import export_schedules, exports
+from analytics_api.routers import policies
 from exports.jobs import ExportRunner
 from exports.signing import signing_secret
 from tollgate.settings import Settings
@@ -41,5 +42,6 @@ def create_app(settings: Settings, bootstrap: str | None = None, pool_size: int 
     for router in (health.router, logs.router, custom_logs.router, analytics.router, feedback.router, api_keys.router):
         app.include_router(router, prefix="/v1")
     app.include_router(audit_logs.router, prefix="/v1")
+    app.include_router(policies.router, prefix="/v1")
     audit.install(app, settings)  # every mutating request leaves an audit record (analytics_api/audit.py)
     return app

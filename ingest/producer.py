@@ -28,8 +28,10 @@ def make_producer(bootstrap: str, **overrides) -> KafkaProducer:
     return KafkaProducer(**config)
 
 
-def ensure_topics(bootstrap: str, topics: list[str], partitions: int, timeout: float = 30.0) -> None:
-    """Create the topics that do not exist yet (idempotent)."""
+def ensure_topics(bootstrap: str, topics: list[str], partitions: int, timeout: float = 30.0,
+                  configs: dict[str, dict[str, str]] | None = None) -> None:
+    """Create the topics that do not exist yet (idempotent); ``configs``: topic configs by name
+    (e.g. ``{"cleanup.policy": "compact"}``), applied when a topic is created."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -45,7 +47,7 @@ def ensure_topics(bootstrap: str, topics: list[str], partitions: int, timeout: f
         missing = [t for t in topics if t not in existing]
         if missing:
             try:
-                admin.create_topics([NewTopic(t, partitions, 1) for t in missing])
+                admin.create_topics([NewTopic(t, partitions, 1, topic_configs=(configs or {}).get(t, {})) for t in missing])
             except TopicAlreadyExistsError:
                 pass
     finally:

@@ -35,6 +35,10 @@ SCOPE_BY_PREFIX = [
     (("post", "/v1/api-keys"), "api_keys.write"),
     (("put", "/v1/api-keys"), "api_keys.write"),
     (("delete", "/v1/api-keys"), "api_keys.write"),
+    (("get", "/v1/policies/"), "policies.read"),
+    (("post", "/v1/policies/"), "policies.write"),
+    (("put", "/v1/policies/"), "policies.write"),
+    (("delete", "/v1/policies/"), "policies.write"),
 ]
 
 

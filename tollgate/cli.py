@@ -59,6 +59,12 @@ def cmd_api(args) -> int:
     return run_api(s, args.host or s.api_host, args.port or s.api_port)
 
 
+def cmd_limits(args) -> int:
+    from tollgate.stack import run_limits
+
+    return run_limits(_settings(args))
+
+
 def cmd_keys_create(args) -> int:
     from analytics_api.auth import SCOPES, hash_key, new_key, validate_scopes
     from warehouse.client import WarehouseUnavailable, connect
@@ -159,6 +165,10 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--port", type=int)
     a.add_argument("--data-dir")
     a.set_defaults(func=cmd_api)
+
+    lim = sub.add_parser("limits", help="run the limits job only (production role; one per warehouse)")
+    lim.add_argument("--data-dir")
+    lim.set_defaults(func=cmd_limits)
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
     kc = keys.add_parser("create", help="create an API key; the key is the last line of output")

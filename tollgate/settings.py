@@ -64,6 +64,11 @@ class Settings(BaseSettings):
             ipaddress.ip_network(cidr, strict=False)  # ValueError names the bad entry
         return items
 
+    # -- limits (docs/limits.md) -------------------------------------------------
+    limits_interval: float = Field(5.0, gt=0, description="Seconds between two refreshes of the limit counters.")
+    topic_limit_alerts: str = "tollgate.limit-alerts"
+    topic_limits_state: str = "tollgate.limits-state"
+
     # -- tenancy defaults -------------------------------------------------------
     default_organisation: str = Field("default-org", description="Organisation of the admin key `tollgate up` creates; seed default.")
     default_workspace: str = Field("default", description="Workspace used when an organisation key names none; seed default.")
@@ -127,6 +132,11 @@ class Settings(BaseSettings):
     @property
     def all_topics(self) -> list[str]:
         return [*self.event_topics, self.topic_dead_letter]
+
+    @property
+    def limit_topics(self) -> dict[str, dict[str, str]]:
+        """Topics of the limits job → their topic configs (the state feed is compacted)."""
+        return {self.topic_limit_alerts: {}, self.topic_limits_state: {"cleanup.policy": "compact"}}
 
     @property
     def stack_file(self) -> Path:

@@ -21,6 +21,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from analytics_api.app import create_app
 from analytics_api.auth import SCOPES, hash_key, new_key
+from analytics_api.limits import job as limits
 from ingest.producer import ensure_topics
 from ingest.processes import IngestProcesses
 from tollgate.broker import EmbeddedBroker
@@ -139,6 +140,7 @@ def up(settings: Settings, host: str, port: int, ingest_workers: int | None = No
             bootstrap = broker.bootstrap
             say(f"embedded Kafka broker (Tansu) on {bootstrap}")
         ensure_topics(bootstrap, settings.all_topics, settings.topic_partitions)
+        ensure_topics(bootstrap, list(settings.limit_topics), settings.topic_partitions, configs=settings.limit_topics)
 
         client = connect(settings.warehouse_dsn)
         applied = migrate(client, settings.retention_days, audit_retention_days=settings.audit_retention_days)
@@ -157,6 +159,8 @@ def up(settings: Settings, host: str, port: int, ingest_workers: int | None = No
                               coalesce=True, next_run_time=datetime.now(UTC))
         scheduler.start()
         cleanup.callback(scheduler.shutdown, wait=True)
+        limits_job = limits.schedule(scheduler, settings, bootstrap)  # counters, alerts, the state feed (docs/limits.md)
+        cleanup.callback(limits_job.close)  # waits for a refresh in flight
         install_exports(settings, client, scheduler)  # scheduled exports, and exports a crash left running
 
         api = ApiServer(create_app(settings, bootstrap), host, port)
@@ -193,6 +197,21 @@ def run_ingest(settings: Settings, workers: int | None = None) -> int:
     say(f"ingest: {pool.count} worker process(es) on {bootstrap} → {settings.warehouse_dsn}")
     stop.wait()
     pool.stop()
+    return 0
+
+
+def run_limits(settings: Settings) -> int:
+    """Production role: the limits job alone (counters, alerts, the state feed); run one per warehouse."""
+    stop = StopSignal()
+    bootstrap = kafka_bootstrap(settings)
+    ensure_topics(bootstrap, list(settings.limit_topics), settings.topic_partitions, configs=settings.limit_topics)
+    scheduler = BackgroundScheduler(timezone="UTC")
+    job = limits.schedule(scheduler, settings, bootstrap)
+    scheduler.start()
+    say(f"limits: a refresh every {settings.limits_interval:g} s, {settings.warehouse_dsn} → {bootstrap}")
+    stop.wait()
+    scheduler.shutdown(wait=True)
+    job.close()
     return 0
 
 

@@ -305,10 +305,14 @@ def test_user_values_are_bound_never_sql(lapi, lsettings, workers, warehouse, pr
     odd_key = create(lapi, key, "usage-limits", {"conditions": [{"key": "metadata.' OR 1=1 --", "value": "x"}],
                                                  "group_by": [{"key": "metadata.{scope_org}"}], "type": "cost",
                                                  "credit_limit": 1})
+    quoted_group = create(lapi, key, "usage-limits", {"conditions": [{"key": "workspace_id", "value": "ws-1"}],
+                                                      "group_by": [{"key": "metadata.' OR 1=1 --"}, {"key": "metadata._user"}],
+                                                      "type": "cost", "credit_limit": 1})
     clock.set("2026-11-10T12:20:00")
     job = new_job(lsettings, clock, org)
     job.run_once()
     job.close()
+    assert entities(lapi, key, quoted_group) == {}  # no request has that key; the name never became SQL
     for value, pid in zip(INJECTIONS, ids):
         escaped = value.replace("\\", "\\\\").replace("|", "\\|")
         assert {k: v["current_usage"] for k, v in entities(lapi, key, pid).items()} == {f"metadata._user:{escaped}": 5.0}

@@ -266,8 +266,16 @@ def plan(slots: list[Slot], resets: list[Reset] = ()) -> Plan:
         f"GROUP BY org, shape, seg, {keys}"
     )
     # the value key is built per (slot, group), after the join: far fewer rows than generations
+    # Key names (a metadata name is user text) are bound parameters, never SQL literals.
+    key_params: dict[str, str] = {}
+
+    def key_label(k: str) -> str:
+        name = key_params.setdefault(f"{k}:", f"vk{len(key_params)}")
+        params[name] = f"{k}:"
+        return f"{{{name}:String}}"
+
     vkey = per_shape(lambda shape: "concat(" + ", '|', ".join(
-        f"'{k}:', {_sql_escape(f'g.g{j}')}" for j, k in enumerate(shape[1])) + ")").replace("shape =", "g.shape =")
+        f"{key_label(k)}, {_sql_escape(f'g.g{j}')}" for j, k in enumerate(shape[1])) + ")").replace("shape =", "g.shape =")
     types = {"slot": "UInt32", "org": "String", "shape": "UInt32", "seg": "UInt32", "measure": "UInt8",
              **{f"c{j}": "String" for j in range(n_cond)}}
     names = list(pairs)

@@ -13,24 +13,22 @@ import random
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import jsonschema
 import polars as pl
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 
 from analytics_api.app import create_app
 from analytics_api.auth import SCOPES, hash_key, new_key
 from analytics_reference import Q50, Q99, Reference, Window, feedback_frame, generations_frame, quantile, round_dec, round_int
 from conftest import count_generations, publish, wait_until
+from spec_schemas import SPEC, STRICT, resolve
 from ingest.producer import ensure_topics, make_producer
 from ingest.workers import IngestWorkers
 from warehouse.queries import api_keys
 
-SPEC = Path(__file__).resolve().parents[1] / "spec" / "portkey-api-subset.yaml"
 
 # --------------------------------------------------------------------------- the data set
 
@@ -400,38 +398,14 @@ def api(base_settings, broker, warehouse):
 # --------------------------------------------------------------------------- spec schemas
 
 
-def _strict_validator():
-    base = jsonschema.Draft7Validator
-    checker = base.TYPE_CHECKER.redefine(
-        "integer", lambda _, v: isinstance(v, int) and not isinstance(v, bool))
-    return jsonschema.validators.extend(base, type_checker=checker)
-
-
-STRICT = _strict_validator()
-_SPEC = yaml.safe_load(SPEC.read_text())
-
-
-def _resolve(node: Any) -> Any:
-    if isinstance(node, dict):
-        if "$ref" in node:
-            target: Any = _SPEC
-            for part in node["$ref"].removeprefix("#/").split("/"):
-                target = target[part]
-            return _resolve(target)
-        return {k: _resolve(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_resolve(v) for v in node]
-    return node
-
-
 def response_schema(route: str) -> dict | None:
     path = "/analytics/" + route
     if route.startswith("groups/metadata/"):
         path = "/analytics/groups/metadata/{metadataKey}"
-    op = _SPEC["paths"].get(path)
+    op = SPEC["paths"].get(path)
     if op is None:  # groups/workspaces and groups/{group_by} are Tollgate's own
         return None
-    return _resolve(op["get"]["responses"]["200"]["content"]["application/json"]["schema"])
+    return resolve(op["get"]["responses"]["200"]["content"]["application/json"]["schema"])
 
 
 def test_every_documented_graph_route_has_a_spec_schema():

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import random
 import uuid
-from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pytest
-import yaml
 
 from test_limits import Clock, call, create, entities, lapi, log, lsettings, new_job  # noqa: F401 (fixtures)
 from conftest import count_generations, publish, wait_until
+from spec_schemas import SPEC, STRICT, resolve
 
-SPEC = yaml.safe_load((Path(__file__).resolve().parents[1] / "spec" / "portkey-api-subset.yaml").read_text())
 
 
 @pytest.fixture
@@ -28,31 +25,16 @@ def clock() -> Clock:
     return c
 
 
-def _resolve(node: Any) -> Any:
-    if isinstance(node, dict):
-        if "$ref" in node:
-            target: Any = SPEC
-            for part in node["$ref"].removeprefix("#/").split("/"):
-                target = target[part]
-            return _resolve(target)
-        return {k: _resolve(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_resolve(v) for v in node]
-    return node
-
-
 def schema(name: str) -> dict:
-    return _resolve(SPEC["components"]["schemas"][name])
+    return resolve(SPEC["components"]["schemas"][name])
 
 
 def response_schema(path: str, method: str = "get") -> dict:
-    return _resolve(SPEC["paths"][path][method]["responses"]["200"]["content"]["application/json"]["schema"])
+    return resolve(SPEC["paths"][path][method]["responses"]["200"]["content"]["application/json"]["schema"])
 
 
 def valid(body: Any, s: dict) -> None:
-    checker = jsonschema.Draft7Validator.TYPE_CHECKER.redefine(
-        "integer", lambda _, v: isinstance(v, int) and not isinstance(v, bool))
-    jsonschema.validators.extend(jsonschema.Draft7Validator, type_checker=checker)(s).validate(body)
+    STRICT(s).validate(body)
 
 
 USAGE = {"name": "Monthly cost per key", "conditions": [{"key": "workspace_id", "value": "ws-1"}],

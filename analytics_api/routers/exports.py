@@ -61,17 +61,22 @@ def _count(request: Request, selection: q.Selection) -> int:
         return q.count_rows(client, selection)
 
 
+def _scoped_filters(body: dict, principal: Principal, default_workspace: str):
+    """The export's workspace (from `workspace_id` or `filters.workspace_slug`) and its parsed filters."""
+    filters = body.get("filters") or {}
+    workspace = jobs.resolve_workspace(
+        principal, [("workspace_id", body.get("workspace_id")),
+                    ("filters.workspace_slug", filters.get("workspace_slug") if isinstance(filters, dict) else None)],
+        default_workspace)
+    return workspace, jobs.parse_filters(filters, TenantScope(principal.organisation_id, workspace))
+
+
 @router.post("", summary="Create log export (a draft; `total` is the number of matching rows)")
 def create_export(request: Request, payload: Any = Body(None),
                   principal: Principal = Depends(require("exports.write"))) -> dict:
     body = _body(payload, creating=True)
     settings = _state(request).settings
-    filters = body.get("filters") or {}
-    workspace = jobs.resolve_workspace(
-        principal, [("workspace_id", body.get("workspace_id")),
-                    ("filters.workspace_slug", filters.get("workspace_slug") if isinstance(filters, dict) else None)],
-        settings.default_workspace)
-    parsed = jobs.parse_filters(filters, TenantScope(principal.organisation_id, workspace))
+    workspace, parsed = _scoped_filters(body, principal, settings.default_workspace)
     columns = jobs.parse_columns(body["requested_data"])
     fmt = jobs.parse_format(body.get("format"), "jsonl")
     total = _count(request, parsed.selection)
@@ -109,13 +114,7 @@ def update_export(exportId: str, request: Request, payload: Any = Body(None),
     body = _body(payload, creating=False)
     if job.status != "draft":
         raise HTTPException(409, f"export {job.id} is {job.status}: only a draft can be updated")
-    settings = _state(request).settings
-    filters = body.get("filters") or {}
-    workspace = jobs.resolve_workspace(
-        principal, [("workspace_id", body.get("workspace_id")),
-                    ("filters.workspace_slug", filters.get("workspace_slug") if isinstance(filters, dict) else None)],
-        settings.default_workspace)
-    parsed = jobs.parse_filters(filters, TenantScope(principal.organisation_id, workspace))
+    workspace, parsed = _scoped_filters(body, principal, _state(request).settings.default_workspace)
     columns = jobs.parse_columns(body["requested_data"]) if "requested_data" in body else list(job.requested_data)
     fmt = jobs.parse_format(body.get("format"), job.format)
     total = _count(request, parsed.selection)

@@ -133,7 +133,7 @@ def group_metadata(metadataKey: str, request: Request, aq: AnalyticsQuery = Depe
     page = _page(request, fields, "metadata_value", "requests")
     with request.app.state.warehouse.borrow() as client:
         table = q.grouped(client, aq.where, "metadata", ["requests", "cost", "tokens", "last_seen"], metadata_key=metadataKey)
-        feedback = q.feedback_grouped(client, aq.where, "metadata", metadata_key=metadataKey)
+        feedback = q.feedback_grouped(client, aq.where, "metadata", metadata_key=metadataKey, total=False)
     rows, _ = groups.merge(table, feedback)
     return groups.respond(rows, "metadata_value", groups.METADATA_FIELDS, page)
 
@@ -147,7 +147,8 @@ def _columns_group(request: Request, aq: AnalyticsQuery, group: str, key_name: s
     include_total = _include_total(request)
     with request.app.state.warehouse.borrow() as client:
         table = q.grouped(client, aq.where, group, groups.measures_for(columns))
-        feedback = q.feedback_grouped(client, aq.where, group) if any(groups.COLUMNS[c].feedback for c in columns) else None
+        wants_feedback = any(groups.COLUMNS[c].feedback for c in columns)
+        feedback = q.feedback_grouped(client, aq.where, group, total=include_total) if wants_feedback else None
     rows, total = groups.merge(table, feedback)
     fields = {c: groups.COLUMNS[c].expr for c in columns}
     return groups.respond(rows, key_name, fields, page, summary=total if include_total else None)

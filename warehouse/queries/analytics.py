@@ -132,12 +132,17 @@ def grouped(client: Client, where: Where, group: str, measures: list[str], metad
     return client.query_arrow(sql, parameters=params, settings=FINAL_SETTINGS)
 
 
-# Only traces that have feedback can join it: a cheap set lookup spares grouping
-# every trace of the window. (Any version of a feedback id has its trace id, so no FINAL.)
-# The set holds 64-bit hashes, probed against the materialized `trace_hash` (0008):
-# cheaper than reading and comparing strings; a collision only lets an extra trace
-# through to the exact join on trace_id.
-TRACES_WITH_FEEDBACK = "SELECT cityHash64(trace_id) FROM feedback WHERE organisation_id = {scope_org:String} AND trace_id != ''"
+# Feedback joins its trace's requests on the 64-bit hash of trace_id, materialized in
+# both tables (`generations.trace_hash`, 0008; `feedback.trace_hash`, 0020): grouping
+# and joining 8-byte integers instead of strings, and the generations side never reads
+# trace_id. Two different trace ids of one organisation sharing a hash would be taken
+# for one trace (about one chance in 10^19 per pair; docs/analytics.md).
+#
+# Only traces that have feedback can join it: a cheap set lookup spares grouping every
+# trace of the window. Any version of a feedback id has its trace, so no FINAL here.
+# Feedback trace ids are never empty (docs/events.md), so the set holds no request
+# without a trace.
+TRACES_WITH_FEEDBACK = "SELECT trace_hash FROM feedback WHERE organisation_id = {scope_org:String}"
 
 
 # What a query may need of a trace's requests. `model` (of the first request; ties:
@@ -148,34 +153,38 @@ TRACE_ATTRIBUTES = {
 }
 
 
-def _traces(where: Where, extra_key: str | None = None, attributes: tuple[str, ...] = ()) -> str:
-    """The traces of the selected generations that have feedback, with their number of
-    requests and the asked ``attributes`` (names of TRACE_ATTRIBUTES).
+def _traces(where: Where, extra_key: str | None = None, attributes: tuple[str, ...] = (), total: bool = True) -> str:
+    """The traces (``trace_hash``) of the selected generations that have feedback, with
+    their number of requests and the asked ``attributes`` (names of TRACE_ATTRIBUTES).
 
-    With ``extra_key``, one row per (trace, key) plus one row per trace with a NULL
-    key, so that an outer ``GROUP BY key`` also yields the whole selection's row in
-    which each trace counts once.
+    With ``extra_key``, one row per (trace, key) plus, with ``total``, one row per
+    trace with a NULL key, so that an outer ``GROUP BY key`` also yields the whole
+    selection's row in which each trace counts once.
     """
     key = f", {extra_key} AS key" if extra_key else ""
-    group = "GROUPING SETS ((trace_id, key), (trace_id))" if extra_key else "trace_id"
+    group = "trace_hash"
+    if extra_key:
+        group = "GROUPING SETS ((trace_hash, key), (trace_hash))" if total else "trace_hash, key"
     extra = "".join(f", {TRACE_ATTRIBUTES[a]} AS {a}" for a in attributes)
     return (
-        f"SELECT trace_id{key}{extra}, count() AS requests "
-        f"FROM generations FINAL WHERE {where.sql} AND trace_hash IN ({TRACES_WITH_FEEDBACK}) AND trace_id != '' GROUP BY {group}"
+        f"SELECT trace_hash{key}{extra}, count() AS requests "
+        f"FROM generations FINAL WHERE {where.sql} AND trace_hash IN ({TRACES_WITH_FEEDBACK}) GROUP BY {group}"
     )
 
 
+# The latest version of each feedback of the organisation.
 FEEDBACK = (
-    "SELECT trace_id, value, weight FROM feedback FINAL WHERE organisation_id = {scope_org:String}"
+    "SELECT trace_hash, value, weight FROM feedback FINAL WHERE organisation_id = {scope_org:String}"
 )
 FEEDBACK_MEASURES = "count() AS feedbacks, sum(value * weight) AS weighted_sum, sum(weight) AS weight_sum"
+ON_TRACE = "f.trace_hash = t.trace_hash"
 
 
 def feedback_series(client: Client, where: Where, granularity: str, tz_offset: int) -> pa.Table:
     """Feedback per bucket of its trace's first request, plus the total row."""
     sql = (
         f"SELECT {bucket_sql('t.first_at', granularity)} AS bucket, {FEEDBACK_MEASURES} "
-        f"FROM ({FEEDBACK}) AS f INNER JOIN ({_traces(where, attributes=('first_at',))}) AS t ON f.trace_id = t.trace_id "
+        f"FROM ({FEEDBACK}) AS f INNER JOIN ({_traces(where, attributes=('first_at',))}) AS t ON {ON_TRACE} "
         "GROUP BY GROUPING SETS ((bucket), ())"
     )
     return client.query_arrow(sql, parameters={**where.params, "tz_offset": tz_offset}, settings=FINAL_SETTINGS)
@@ -187,23 +196,23 @@ def feedback_by(client: Client, where: Where, by: str) -> pa.Table:
     attributes = ("model",) if by == "model" else ()
     sql = (
         f"SELECT {key} AS key, {FEEDBACK_MEASURES} "
-        f"FROM ({FEEDBACK}) AS f INNER JOIN ({_traces(where, attributes=attributes)}) AS t ON f.trace_id = t.trace_id "
+        f"FROM ({FEEDBACK}) AS f INNER JOIN ({_traces(where, attributes=attributes)}) AS t ON {ON_TRACE} "
         "GROUP BY GROUPING SETS ((key), ())"
     )
     return client.query_arrow(sql, parameters=where.params, settings=FINAL_SETTINGS)
 
 
-def feedback_grouped(client: Client, where: Where, group: str, metadata_key: str | None = None) -> pa.Table:
-    """Per group (and for the whole selection, key NULL): the requests whose trace has
-    feedback, and the feedback of the group's distinct traces."""
+def feedback_grouped(client: Client, where: Where, group: str, metadata_key: str | None = None, total: bool = True) -> pa.Table:
+    """Per group (and, with ``total``, for the whole selection, key NULL): the requests
+    whose trace has feedback, and the feedback of the group's distinct traces."""
     params = dict(where.params)
     condition = where.sql
     group, condition = _group_condition(group, condition, params, metadata_key)
-    per_trace = f"SELECT trace_id, {FEEDBACK_MEASURES} FROM ({FEEDBACK}) GROUP BY trace_id"
+    per_trace = f"SELECT trace_hash, {FEEDBACK_MEASURES} FROM ({FEEDBACK}) GROUP BY trace_hash"
     sql = (
-        "SELECT t.key AS key, sum(t.requests) AS requests_with_feedback, sum(p.feedbacks) AS feedbacks, "
-        "sum(p.weighted_sum) AS weighted_sum, sum(p.weight_sum) AS weight_sum "
-        f"FROM ({_traces(Where(condition, params), GROUP_KEYS[group])}) AS t "
-        f"INNER JOIN ({per_trace}) AS p ON t.trace_id = p.trace_id GROUP BY key"
+        "SELECT t.key AS key, sum(t.requests) AS requests_with_feedback, sum(f.feedbacks) AS feedbacks, "
+        "sum(f.weighted_sum) AS weighted_sum, sum(f.weight_sum) AS weight_sum "
+        f"FROM ({_traces(Where(condition, params), GROUP_KEYS[group], total=total)}) AS t "
+        f"INNER JOIN ({per_trace}) AS f ON {ON_TRACE} GROUP BY key"
     )
     return client.query_arrow(sql, parameters=params, settings=FINAL_SETTINGS)

@@ -45,6 +45,16 @@ MEASURES: dict[str, str] = {
     "last_seen": "max(created_at)",
 }
 
+# How the partial values of a measure, computed per (group, trace), combine into the
+# group's value. Only these measures can be computed in the one-scan
+# :func:`grouped_with_feedback`; the others (distinct users, percentiles, maps) are not
+# decomposable by trace.
+PER_TRACE_COMBINE: dict[str, str] = {
+    "requests": "sum", "cost": "sum", "tokens": "sum", "prompt_tokens": "sum", "completion_tokens": "sum",
+    "latency_sum": "sum", "errors": "sum", "simple_hits": "sum", "semantic_hits": "sum",
+    "last_seen": "max",
+}
+
 # group_by name → key expression over generations.
 GROUP_KEYS: dict[str, str] = {
     "ai_service": "ai_org",
@@ -153,18 +163,16 @@ TRACE_ATTRIBUTES = {
 }
 
 
-def _traces(where: Where, extra_key: str | None = None, attributes: tuple[str, ...] = (), total: bool = True) -> str:
+def _traces(where: Where, extra_key: str | None = None, attributes: tuple[str, ...] = ()) -> str:
     """The traces (``trace_hash``) of the selected generations that have feedback, with
     their number of requests and the asked ``attributes`` (names of TRACE_ATTRIBUTES).
 
-    With ``extra_key``, one row per (trace, key) plus, with ``total``, one row per
-    trace with a NULL key, so that an outer ``GROUP BY key`` also yields the whole
-    selection's row in which each trace counts once.
+    With ``extra_key``, one row per (trace, key) plus one row per trace with a NULL
+    key, so that an outer ``GROUP BY key`` also yields the whole selection's row in
+    which each trace counts once.
     """
     key = f", {extra_key} AS key" if extra_key else ""
-    group = "trace_hash"
-    if extra_key:
-        group = "GROUPING SETS ((trace_hash, key), (trace_hash))" if total else "trace_hash, key"
+    group = "GROUPING SETS ((trace_hash, key), (trace_hash))" if extra_key else "trace_hash"
     extra = "".join(f", {TRACE_ATTRIBUTES[a]} AS {a}" for a in attributes)
     return (
         f"SELECT trace_hash{key}{extra}, count() AS requests "
@@ -202,9 +210,9 @@ def feedback_by(client: Client, where: Where, by: str) -> pa.Table:
     return client.query_arrow(sql, parameters=where.params, settings=FINAL_SETTINGS)
 
 
-def feedback_grouped(client: Client, where: Where, group: str, metadata_key: str | None = None, total: bool = True) -> pa.Table:
-    """Per group (and, with ``total``, for the whole selection, key NULL): the requests
-    whose trace has feedback, and the feedback of the group's distinct traces."""
+def feedback_grouped(client: Client, where: Where, group: str, metadata_key: str | None = None) -> pa.Table:
+    """Per group (and for the whole selection, key NULL): the requests whose trace has
+    feedback, and the feedback of the group's distinct traces."""
     params = dict(where.params)
     condition = where.sql
     group, condition = _group_condition(group, condition, params, metadata_key)
@@ -212,7 +220,35 @@ def feedback_grouped(client: Client, where: Where, group: str, metadata_key: str
     sql = (
         "SELECT t.key AS key, sum(t.requests) AS requests_with_feedback, sum(f.feedbacks) AS feedbacks, "
         "sum(f.weighted_sum) AS weighted_sum, sum(f.weight_sum) AS weight_sum "
-        f"FROM ({_traces(Where(condition, params), GROUP_KEYS[group], total=total)}) AS t "
+        f"FROM ({_traces(Where(condition, params), GROUP_KEYS[group])}) AS t "
         f"INNER JOIN ({per_trace}) AS f ON {ON_TRACE} GROUP BY key"
+    )
+    return client.query_arrow(sql, parameters=params, settings=FINAL_SETTINGS)
+
+
+def grouped_with_feedback(client: Client, where: Where, group: str, measures: list[str], metadata_key: str | None = None) -> pa.Table:
+    """One row per group (no total row): the ``measures`` (all in PER_TRACE_COMBINE) and
+    the feedback columns of :func:`feedback_grouped`, in ONE scan of generations.
+
+    The scan groups by (key, trace hash if the trace has feedback, else 0): the rows of
+    a key without feedback collapse into one, each trace with feedback keeps its own, to
+    join its feedback once. The group's measures are the combination of its rows. There
+    is no total row: a trace in two groups would count twice in it.
+    """
+    unknown = [m for m in measures if m not in PER_TRACE_COMBINE]
+    if unknown:
+        raise ValueError(f"not computable per trace: {unknown}")
+    params = dict(where.params)
+    group, condition = _group_condition(group, where.sql, params, metadata_key)
+    scan = (
+        f"SELECT {GROUP_KEYS[group]} AS key, if(trace_hash IN ({TRACES_WITH_FEEDBACK}), trace_hash, 0) AS th, "
+        f"{_select(measures)} FROM generations FINAL WHERE {condition} GROUP BY key, th"
+    )
+    combined = ", ".join(f"{PER_TRACE_COMBINE[m]}(t.{m}) AS {m}" for m in measures)
+    per_trace = f"SELECT trace_hash, {FEEDBACK_MEASURES} FROM ({FEEDBACK}) GROUP BY trace_hash"
+    sql = (
+        f"SELECT t.key AS key, {combined}, sumIf(t.requests, t.th != 0) AS requests_with_feedback, "
+        "sum(f.feedbacks) AS feedbacks, sum(f.weighted_sum) AS weighted_sum, sum(f.weight_sum) AS weight_sum "
+        f"FROM ({per_trace}) AS f RIGHT JOIN ({scan}) AS t ON f.trace_hash = t.th GROUP BY t.key"
     )
     return client.query_arrow(sql, parameters=params, settings=FINAL_SETTINGS)

@@ -107,3 +107,44 @@ def test_the_scheduler_runs_the_jobs_of_up(settings, warehouse):
         assert {"settle", "limits", "export-schedules-sync"} <= ids, ids
     finally:
         job.close()
+
+
+def test_tollgate_scheduler_takes_the_lease_runs_the_jobs_and_releases_it_on_sigterm(tmp_path, broker):
+    """The real role as a process (embedded warehouse of its own: one process opens it at a time)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    env.update(TOLLGATE_DATA_DIR=str(tmp_path), TOLLGATE_KAFKA_BOOTSTRAP=broker.bootstrap,
+               TOLLGATE_TOPIC_LIMIT_ALERTS=f"a{uuid.uuid4().hex[:6]}", TOLLGATE_TOPIC_LIMITS_STATE=f"s{uuid.uuid4().hex[:6]}")
+    cli = [sys.executable, "-m", "tollgate.cli"]
+    subprocess.run([*cli, "migrate"], env=env, check=True, capture_output=True, timeout=120)
+    proc = subprocess.Popen([*cli, "scheduler"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            lines.append(line.strip())
+            if "holds the lease" in line:
+                break
+        assert any("holds the lease" in line for line in lines), (lines, proc.stderr.read()[-2000:] if proc.poll() is not None else "")
+        holder = lines[-1].split()[1].rstrip(":")
+        time.sleep(2)  # the jobs start: the limits job's first refresh, the schedules' sync
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # read the lease in another process (the session's engine is open here; one engine path per process)
+    check = (
+        "import json, sys; from warehouse.client import connect; from warehouse.lease import Lease\n"
+        "lease = Lease(connect(sys.argv[1]), 'next', ttl=60, guard=1.0)  # a fresh engine: first queries are slow\n"
+        "cur = lease.current()\n"
+        "print(json.dumps({'holder': cur.holder, 'live': cur.live, 'next': lease.acquire()}))"
+    )
+    out = subprocess.run([sys.executable, "-c", check, f"chdb://{tmp_path / 'warehouse'}"], env=env, check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    # released on the way out, so the next scheduler takes it at once instead of after the ttl
+    assert json.loads(out.strip().splitlines()[-1]) == {"holder": holder, "live": False, "next": True}

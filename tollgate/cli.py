@@ -90,7 +90,7 @@ def cmd_keys_create(args) -> int:
     except WarehouseUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    migrate(client)
+    migrate(client, cluster=s.clickhouse_cluster)
     key = new_key()
     row = api_keys.insert(
         client, key_hash=hash_key(key), organisation_id=args.org, workspace_slug=args.workspace or "",

@@ -152,7 +152,8 @@ def up(settings: Settings, host: str, port: int, ingest_workers: int | None = No
         ensure_topics(bootstrap, list(settings.limit_topics), settings.topic_partitions, configs=settings.limit_topics)
 
         client = connect(settings.warehouse_dsn)
-        applied = migrate(client, settings.retention_days, audit_retention_days=settings.audit_retention_days)
+        applied = migrate(client, settings.retention_days, audit_retention_days=settings.audit_retention_days,
+                          cluster=settings.clickhouse_cluster)
         say(f"warehouse {settings.warehouse_dsn}: {len(applied)} migration(s) applied")
         admin_key = ensure_admin_key(settings, client)
 

@@ -148,3 +148,10 @@ def test_tollgate_scheduler_takes_the_lease_runs_the_jobs_and_releases_it_on_sig
                          capture_output=True, text=True, timeout=120).stdout
     # released on the way out, so the next scheduler takes it at once instead of after the ttl
     assert json.loads(out.strip().splitlines()[-1]) == {"holder": holder, "live": False, "next": True}
+
+
+def test_tollgate_limits_is_an_alias_of_the_scheduler():
+    from tollgate.cli import cmd_scheduler, parser
+
+    assert parser().parse_args(["limits"]).func is cmd_scheduler
+    assert parser().parse_args(["scheduler"]).func is cmd_scheduler

@@ -66,11 +66,16 @@ def cmd_api(args) -> int:
 
 def cmd_scheduler(args) -> int:
     from tollgate.stack import run_scheduler
+    from warehouse.client import WarehouseUnavailable
 
     if args.command == "limits":
         print("note: `tollgate limits` is now `tollgate scheduler` (the limits job, settle and export schedules, "
               "under the scheduler lease)", file=sys.stderr)
-    return run_scheduler(_settings(args))
+    try:
+        return run_scheduler(_settings(args))
+    except WarehouseUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_keys_create(args) -> int:

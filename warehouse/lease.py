@@ -119,11 +119,7 @@ class Lease:
         if cur is not None and cur.live and cur.holder != self.holder:
             return False
         version = (((cur.version >> 32) + 1 if cur else 1) << 32) | random.getrandbits(32)
-        self.client.command(
-            "INSERT INTO scheduler_lease (name, holder, expires_at, version) "
-            "SELECT {n:String}, {h:String}, now64(3) + toIntervalMillisecond({ttl:UInt32}), {v:UInt64}",
-            parameters={"n": self.name, "h": self.holder, "ttl": int(self.ttl * 1000), "v": version},
-            settings=CLUSTER_WRITE if layout(self.client).cluster else None)
+        self._write(version, int(self.ttl * 1000))
         if time.monotonic() - started > self.guard:
             log.warning("scheduler lease: the write took longer than %.1f s; not claiming the lease", self.guard)
             return False
@@ -142,10 +138,14 @@ class Lease:
                 cur = self.current()
                 if cur is None or cur.holder != self.holder:
                     return
-                self.client.command(
-                    "INSERT INTO scheduler_lease (name, holder, expires_at, version) "
-                    "SELECT {n:String}, {h:String}, now64(3) - toIntervalMillisecond(1), {v:UInt64}",
-                    parameters={"n": self.name, "h": self.holder, "v": cur.version + 1},
-                    settings=CLUSTER_WRITE if layout(self.client).cluster else None)
+                self._write(cur.version + 1, -1)
             except Exception as exc:
                 log.warning("scheduler lease: could not release (%s); it expires by itself", exc)
+
+    def _write(self, version: int, ttl_ms: int) -> None:
+        """A lease row in our name, expiring ``ttl_ms`` after the server's now (negative: already expired)."""
+        self.client.command(
+            "INSERT INTO scheduler_lease (name, holder, expires_at, version) "
+            "SELECT {n:String}, {h:String}, now64(3) + toIntervalMillisecond({ttl:Int64}), {v:UInt64}",
+            parameters={"n": self.name, "h": self.holder, "ttl": ttl_ms, "v": version},
+            settings=CLUSTER_WRITE if layout(self.client).cluster else None)

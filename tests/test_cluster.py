@@ -179,3 +179,47 @@ def test_the_limits_part_watch_keeps_each_replicas_block_numbers_apart():
     # a snapshot written before cluster mode (one number) still loads
     old = PartsWatch.from_json('{"table": "t", "high": 7, "parts": {}}')
     assert old.high == {"": 7}
+
+
+def test_cluster_mode_runs_on_a_one_shard_cluster_of_the_embedded_engine(tmp_path):
+    """tests/cluster_emulation.py: chdb configured with a cluster of itself runs what cluster mode sends
+    (without ON CLUSTER and replication, which need Keeper): the rewritten migrations, ingest's inserts and
+    the API's reads through real Distributed tables, settle, the limits job's part watch and mutations,
+    the lease. The analytics answers must equal the independent reference's, before and after settling."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from warehouse.migrate import discover
+
+    script = Path(__file__).resolve().parent / "cluster_emulation.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert out["clusters"] == [["tg", 1]]
+    assert out["applied"] == [m.path.name for m in discover()] and out["applied_again"] == []
+    assert out["ddl_on_cluster"] > 40  # every DDL statement was sent ON CLUSTER
+    tables = {re.match(r"CREATE TABLE IF NOT EXISTS (\w+)", s.strip()).group(1)
+              for m in discover() for s in m.statements() if s.strip().startswith("CREATE TABLE")} - {"generations_daily"}
+    for table in tables | {"schema_migrations"}:
+        assert out["engines"][table] == "Distributed", table
+        assert out["engines"][f"{table}_local"].endswith("MergeTree"), table
+    assert "generations_daily" not in out["engines"] and "generations_daily_local" not in out["engines"]  # 0015
+    assert "cityHash64(organisation_id, workspace_slug, created_at, id)" in out["distributed_generations"]
+    assert out["generations_local_ttl"] and out["generations_local_ttl_removed"]  # retention acts on the local table
+    assert out["layout"] == "tg"
+    # redelivered rows are stored twice and read once, through the Distributed table
+    assert out["stored_raw"] > out["stored_final"] == out["expected"]
+    assert out["requests"] >= 200
+    assert out["mismatches_before_settle"] == []
+    assert out["mismatches_after_settle"] == []
+    assert out["parts_watch"] and all("/" in name for name in out["parts_watch"])  # host-qualified parts
+    assert out["identity"]
+    assert out["settled"] > 0 and out["unsettled_after"] == 0
+    assert out["segments_left"] == 0  # the mutation ran on the local table
+    assert out["lease"] == [True, False, "a"]

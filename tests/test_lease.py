@@ -51,6 +51,20 @@ def test_one_holder_at_a_time_and_takeover_after_expiry(warehouse, name):
     assert wait_until(lambda: not a.held(), timeout=TTL)  # and a's own trust in it runs out
 
 
+def test_a_row_nobody_claimed_on_top_stops_the_holder_and_is_waited_out(warehouse, name):
+    """What a contender's slow write leaves (it gave up at the guard, its row landed after the holder's
+    check, with a higher version): the holder stops trusting at its next renewal, and the row's writer
+    does not take it as its own before it expires."""
+    a = Lease(warehouse, "holder-a", ttl=TTL, guard=GUARD, name=name)
+    b = Lease(warehouse, "holder-b", ttl=TTL, guard=GUARD, name=name)
+    assert a.acquire() and a.held()
+    b._write(a.current().version + 1, int(TTL * 1000))  # the late row of b's abandoned attempt
+    assert not a.acquire() and not a.held()  # a stops at once, not when its own trust would end
+    assert not b.acquire() and not b.held()  # b never claimed that row: it waits for its expiry
+    assert wait_until(b.acquire, timeout=3 * TTL, interval=0.1)
+    assert b.held() and not a.acquire()
+
+
 def test_a_released_lease_is_free_at_once(warehouse, name):
     a = Lease(warehouse, "holder-a", ttl=60, guard=GUARD, name=name)
     b = Lease(warehouse, "holder-b", ttl=60, guard=GUARD, name=name)

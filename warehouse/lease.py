@@ -6,7 +6,9 @@ the current lease is its row of the highest version. :meth:`Lease.acquire` (also
 renewal):
 
 1. reads the current row (``FINAL``) and whether it has expired, by the server's clock;
-2. if it is held by someone else and has not expired, gives up;
+2. if it has not expired and is not the lease this holder holds (someone else's, or a row of
+   its own it never claimed), gives up — and, when someone else's row is on top, stops
+   trusting the lease at once;
 3. otherwise writes a row ``(holder = me, expires_at = server now + ttl)`` whose version is
    one higher in its upper 32 bits than the row read, with 32 random lower bits (so two
    contenders that read the same row never write the same version);
@@ -74,7 +76,7 @@ class Lease:
         self.client = client
         self.holder = holder or holder_id()
         self.ttl = ttl
-        self.guard = guard if guard is not None else min(2.0, ttl / 10)
+        self.guard = guard if guard is not None else ttl / 10
         if not 0 < self.guard < ttl / 3:
             raise ValueError("guard must be > 0 and < ttl / 3")
         self.name = name
@@ -116,7 +118,12 @@ class Lease:
     def _acquire(self) -> bool:
         started = time.monotonic()
         cur = self.current()
-        if cur is not None and cur.live and cur.holder != self.holder:
+        if cur is not None and cur.live and not (cur.holder == self.holder and self.held()):
+            # Someone else's row is on top: stop trusting our lease now. Our own live row that we do
+            # not hold (an attempt that gave up at the guard, yet won; a renewal too late) is waited
+            # out like anyone's: taking it back at once could overlap a holder that claimed meanwhile.
+            if cur.holder != self.holder:
+                self._valid_until = 0.0
             return False
         version = (((cur.version >> 32) + 1 if cur else 1) << 32) | random.getrandbits(32)
         self._write(version, int(self.ttl * 1000))

@@ -27,7 +27,7 @@ from ingest.producer import ensure_topics
 from ingest.processes import IngestProcesses
 from tollgate.broker import EmbeddedBroker
 from tollgate.settings import Settings
-from warehouse.client import connect
+from warehouse.client import connect, redact
 from warehouse.lease import Lease
 from warehouse.migrate import migrate
 from warehouse.settle import settle
@@ -205,7 +205,7 @@ def run_ingest(settings: Settings, workers: int | None = None) -> int:
     return 0
 
 
-def run_scheduler(settings: Settings, lease: Lease | None = None) -> int:
+def run_scheduler(settings: Settings) -> int:
     """Production role: the scheduled jobs (settle, the limits job, export schedules) against a ClickHouse
     server, run only while this process holds the scheduler lease (warehouse/lease.py), so starting two is
     safe: one runs the jobs, the other waits to take over. Each tenure starts the jobs afresh from
@@ -213,9 +213,9 @@ def run_scheduler(settings: Settings, lease: Lease | None = None) -> int:
     stop = StopSignal()
     bootstrap = kafka_bootstrap(settings)
     ensure_topics(bootstrap, list(settings.limit_topics), settings.topic_partitions, configs=settings.limit_topics)
-    lease = lease or Lease(connect(settings.warehouse_dsn), ttl=settings.scheduler_lease_seconds)
+    lease = Lease(connect(settings.warehouse_dsn), ttl=settings.scheduler_lease_seconds)
     every = lease.ttl / 3
-    say(f"scheduler {lease.holder}: {settings.warehouse_dsn}, waiting for the lease (ttl {lease.ttl:g} s)")
+    say(f"scheduler {lease.holder}: {redact(settings.warehouse_dsn)}, waiting for the lease (ttl {lease.ttl:g} s)")
     while not stop.event.is_set():
         if not lease.acquire():
             stop.event.wait(every)

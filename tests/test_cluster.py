@@ -185,7 +185,8 @@ def test_cluster_mode_runs_on_a_one_shard_cluster_of_the_embedded_engine(tmp_pat
     """tests/cluster_emulation.py: chdb configured with a cluster of itself runs what cluster mode sends
     (without ON CLUSTER and replication, which need Keeper): the rewritten migrations, ingest's inserts and
     the API's reads through real Distributed tables, settle, the limits job's part watch and mutations,
-    the lease. The analytics answers must equal the independent reference's, before and after settling."""
+    the lease, a limits job refresh. The analytics answers and the limit counters must equal the independent
+    references', the analytics before and after settling."""
     import json
     import os
     import subprocess
@@ -223,3 +224,6 @@ def test_cluster_mode_runs_on_a_one_shard_cluster_of_the_embedded_engine(tmp_pat
     assert out["settled"] > 0 and out["unsettled_after"] == 0
     assert out["segments_left"] == 0  # the mutation ran on the local table
     assert out["lease"] == [True, False, "a"]
+    limits = out["limits"]  # counters of a usage limit over 3 closed days and the live hour = the reference
+    assert limits["closed_segments_computed"] > 0
+    assert limits["got"] == pytest.approx(limits["expected"]) and len(limits["expected"]) == 4

@@ -12,8 +12,8 @@ runs as ``<E>MergeTree(args)``). Everything else is what cluster mode sends: the
 as rewritten (local tables, Distributed tables sharded by the sorting key's hash, the ALTERs
 of both, the EXCHANGE of 0015), the session settings, ingest's inserts into the Distributed
 tables, the API's reads (``FINAL``, the feedback subqueries) through them, settle, a limits job
-refresh (closed days counted into the Distributed segment tables and summed back), the
-limits job's part watch and mutations, the lease. The Distributed tables are real: the
+refresh (closed days counted into the Distributed segment tables and summed back), an
+on-demand export, the limits job's part watch and mutations, the lease. The Distributed tables are real: the
 shard is this engine itself (``prefer_localhost_replica``).
 """
 
@@ -125,9 +125,30 @@ def limits_check(w, settings) -> dict:
         report = job.run_once()
         job.close()
         got = {k: v["current_usage"] for k, v in entities(api, key, pid).items()}
+        export = export_check(api, w, settings.data_dir)
     expected = usage(events_frame(events), org=org, conditions=[("workspace_id", "ws-a")], group_by=["api_key"],
                      measure="cost", start_ms=ms(datetime(2026, 10, 25, 12, tzinfo=UTC)), end_ms=None)
-    return {"got": got, "expected": expected, "closed_segments_computed": report.closed_segments_computed}
+    return {"got": got, "expected": expected, "closed_segments_computed": report.closed_segments_computed,
+            "export": export}
+
+
+def export_check(api, w, workdir: Path) -> dict:
+    """An on-demand export of the analytics data set's default workspace, read through the Distributed
+    ``generations`` (``FINAL``, in slices): every selected id exactly once."""
+    import polars as pl
+
+    from test_analytics import ORG, REFERENCE, _make_key
+    from test_exports import run_export
+
+    key = _make_key(w, ORG)
+    window = {"time_of_generation_min": "2026-02-27T00:00:00Z", "time_of_generation_max": "2026-03-12T23:59:59.999Z"}
+    _, item = run_export(api, key, window, ["id", "created_at", "cost"])
+    exported: list[str] = []
+    for path in sorted((workdir / "exports").rglob("part-*.jsonl")):
+        exported += [json.loads(line)["id"] for line in path.read_text().splitlines()]
+    expected = REFERENCE.gens.filter(pl.col("ws") == "default")["id"].to_list()
+    return {"rows_written": item["rows_written"], "exported": len(exported), "distinct": len(set(exported)),
+            "expected": len(expected), "same_ids": set(exported) == set(expected)}
 
 
 def main(workdir: Path) -> dict:

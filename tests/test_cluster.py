@@ -227,3 +227,6 @@ def test_cluster_mode_runs_on_a_one_shard_cluster_of_the_embedded_engine(tmp_pat
     limits = out["limits"]  # counters of a usage limit over 3 closed days and the live hour = the reference
     assert limits["closed_segments_computed"] > 0
     assert limits["got"] == pytest.approx(limits["expected"]) and len(limits["expected"]) == 4
+    export = limits["export"]  # an on-demand export through the API: every selected id once
+    assert export["same_ids"] and export["exported"] == export["distinct"] == export["expected"] == export["rows_written"]
+    assert export["expected"] > 1000

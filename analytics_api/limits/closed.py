@@ -79,12 +79,27 @@ SLOTS_PER_QUERY = 4_000  # …and this many (policy, segment) pairs (bounds the 
 Segment = tuple[int, int]  # [start_ms, end_ms)
 
 
+def replica_of(p: Part) -> str:
+    """Whose block numbers a part's are: '' on one server; in cluster mode its replica's host
+    (``generation_parts`` names the partition ``host/partition_id``: each shard numbers its blocks)."""
+    return p.partition.rpartition("/")[0]
+
+
+def newest_blocks(parts: dict[str, Part]) -> dict[str, int]:
+    """The newest block number (or data version) of each replica's parts."""
+    high: dict[str, int] = {}
+    for p in parts.values():
+        r = replica_of(p)
+        high[r] = max(high.get(r, -1), p.max_block, p.data_version)
+    return high
+
+
 @dataclass
 class PartsWatch:
     """The active parts of ``generations`` that the stored segments reflect."""
 
     parts: dict[str, Part] | None = None
-    high: int = -1  # the newest block number (or data version) among them
+    high: dict[str, int] = field(default_factory=dict)  # per replica_of(): the newest block number (or data version)
     table: str = ""  # generations_identity() when they were listed
 
     def dirty(self, current: dict[str, Part], table: str = "") -> list[tuple[int, int]] | None:
@@ -95,7 +110,7 @@ class PartsWatch:
         ranges = []
         for name, p in current.items():
             # an insert (level 0), or a part holding a block or mutation newer than any seen
-            if name not in self.parts and (p.level == 0 or max(p.max_block, p.data_version) > self.high):
+            if name not in self.parts and (p.level == 0 or max(p.max_block, p.data_version) > self.high.get(replica_of(p), -1)):
                 ranges.append((p.min_ms, p.max_ms))
         for name, p in self.parts.items():
             if name in current:
@@ -107,8 +122,9 @@ class PartsWatch:
 
     def advance(self, current: dict[str, Part], table: str = "") -> bool:
         """Take ``current`` as seen; True when that changed anything."""
-        newest = max((max(p.max_block, p.data_version) for p in current.values()), default=-1)
-        high = newest if table != self.table else max(self.high, newest)
+        newest = newest_blocks(current)
+        high = newest if table != self.table else {
+            r: max(self.high.get(r, -1), newest.get(r, -1)) for r in {*self.high, *newest}}
         changed = self.parts is None or set(self.parts) != set(current) or high != self.high or table != self.table
         self.parts, self.high, self.table = dict(current), high, table
         return changed
@@ -120,7 +136,9 @@ class PartsWatch:
     @classmethod
     def from_json(cls, text: str) -> "PartsWatch":
         data = orjson.loads(text)
-        return cls({n: Part(*v) for n, v in data["parts"].items()}, int(data["high"]), data.get("table", ""))
+        high = data["high"]  # an int before cluster mode: the one server's
+        high = {r: int(b) for r, b in high.items()} if isinstance(high, dict) else {"": int(high)}
+        return cls({n: Part(*v) for n, v in data["parts"].items()}, high, data.get("table", ""))
 
 
 class Dirty:

@@ -37,6 +37,8 @@ from typing import Any, Iterable
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 
+from warehouse.cluster import layout
+
 # Condition and group_by keys → their expression over `generations` (metadata keys: see _dimension).
 DIMENSIONS: dict[str, str] = {
     "api_key": "CAST(api_key_id AS String)",
@@ -327,11 +329,12 @@ class Part:
 
 
 def generations_identity(client: Client) -> str:
-    """What identifies the storage of ``generations``: its UUID, or (no UUID, as in chdb) its data paths.
-    A rebuild (``EXCHANGE TABLES``, a drop and create) changes it; block numbers then start again."""
+    """What identifies the storage of ``generations`` (its local tables in cluster mode): its UUID, or (no
+    UUID, as in chdb) its data paths. A rebuild (``EXCHANGE TABLES``, a drop and create) changes it; block
+    numbers then start again."""
     rows = client.query(
         "SELECT toString(uuid), arrayStringConcat(data_paths, ',') FROM system.tables "
-        "WHERE database = currentDatabase() AND name = 'generations'"
+        "WHERE database = currentDatabase() AND name = {t:String}", parameters={"t": layout(client).local("generations")}
     ).result_rows
     if not rows:
         return ""
@@ -340,14 +343,20 @@ def generations_identity(client: Client) -> str:
 
 
 def generation_parts(client: Client) -> dict[str, Part]:
-    """The active parts of ``generations`` (by ``name@modification time``): what closed segments are computed from."""
+    """The active parts of ``generations`` (by ``name@modification time``): what closed segments are computed from.
+    In cluster mode those of ``generations_local`` on every replica, name and partition prefixed by its host
+    (each shard numbers its blocks itself)."""
+    where = layout(client)
+    host = "concat(hostName(), '/')" if where.cluster else "''"
     rows = client.query(
-        "SELECT name, partition_id, min_block_number, max_block_number, data_version, "
+        f"SELECT {host} AS host, name, partition_id, min_block_number, max_block_number, data_version, "
         "toUnixTimestamp(min_time), toUnixTimestamp(max_time), level, toUnixTimestamp(modification_time) "
-        "FROM system.parts WHERE database = currentDatabase() AND table = 'generations' AND active"
+        f"FROM {where.parts} WHERE database = {{db:String}} AND table = {{t:String}} AND active",
+        parameters={"db": client.command("SELECT currentDatabase()"), "t": where.local("generations")},
     ).result_rows
-    return {f"{name}@{int(at)}": Part(part, int(lo), int(hi), int(dv), int(t0) * 1000, (int(t1) + 1) * 1000, int(lv), int(at))
-            for name, part, lo, hi, dv, t0, t1, lv, at in rows}
+    return {f"{h}{name}@{int(at)}": Part(h + part, int(lo), int(hi), int(dv), int(t0) * 1000, (int(t1) + 1) * 1000,
+                                         int(lv), int(at))
+            for h, name, part, lo, hi, dv, t0, t1, lv, at in rows}
 
 
 # --------------------------------------------------------------------------- closed segments
@@ -437,10 +446,14 @@ def delete_stale_segments(client: Client, keep: list[tuple[str, int, int, int]],
     kept = ("(SELECT tupleElement(t, 1), fromUnixTimestamp64Milli(tupleElement(t, 2), 'UTC'), "
             "fromUnixTimestamp64Milli(tupleElement(t, 3), 'UTC')VERSION "
             f"FROM (SELECT arrayJoin({{keep:{_ENTRIES}}}) AS t))")
-    client.command(f"ALTER TABLE limit_segment_usage DELETE WHERE {scope}(policy_id, start, end, version) NOT IN "
-                   + kept.replace("VERSION", ", tupleElement(t, 4)"), parameters=params, settings={"mutations_sync": 1})
-    client.command(f"ALTER TABLE limit_segments DELETE WHERE {scope}(policy_id, start, end) NOT IN "
-                   + kept.replace("VERSION", ""), parameters=params, settings={"mutations_sync": 1})
+    # cluster mode: the mutation runs on the local tables ON CLUSTER; its subquery reads the Distributed
+    # limit_policies, which ClickHouse calls nondeterministic for a replicated table (policies only grow).
+    where = layout(client)
+    settings = {"mutations_sync": 1, **({"allow_nondeterministic_mutations": 1} if where.cluster else {})}
+    for table, columns in (("limit_segment_usage", ", tupleElement(t, 4)"), ("limit_segments", "")):
+        key = "(policy_id, start, end, version)" if columns else "(policy_id, start, end)"
+        client.command(f"ALTER TABLE {where.local(table)}{where.on_cluster} DELETE WHERE {scope}{key} NOT IN "
+                       + kept.replace("VERSION", columns), parameters=params, settings=settings)
 
 
 # --------------------------------------------------------------------------- job state

@@ -75,7 +75,7 @@ SNAPSHOT = "generations_parts"
 TOTALS_SCHEMA = {"policy_id": pl.String, "value_key": pl.String, "usage": pl.Float64, "n": pl.Int64}
 SPAN_PER_QUERY_MS = DAY_MS  # segments computed together: at most this much time per query…
 SLOTS_PER_QUERY = 2_000  # …and this many (policy, segment) pairs (bounds the query's memory and duration)
-BUDGET_S = 0.8  # a refresh computes segments for this long at most (always one query), the rest at the next ones
+BUDGET_S = 0.5  # a refresh computes segments for this long at most (always one query), the rest at the next ones
 STALE = 0  # the cuts hash of a segment that must be computed again (a real one is a 64-bit digest)
 
 Segment = tuple[int, int]  # [start_ms, end_ms)
@@ -325,9 +325,9 @@ class ClosedSegments:
         return inside, (cuts_hash(seg[0], seg[1], inside) if inside else _plain_hash(seg[0], seg[1]))
 
     def _cleanup(self, keep: list[tuple[str, int, int, int]], cutoff: int) -> None:
-        """Delete segment rows that no longer count, on a thread with a client of its own (a mutation over every
+        """Delete segment rows that no longer count, on a thread with a client of its own (a delete over every
         stored segment takes seconds). Safe alongside refreshes: ``keep`` holds every version the in-memory totals
-        may still subtract, and rows computed later have versions ≥ ``cutoff``, which the mutation leaves alone."""
+        may still subtract, and rows computed later have versions ≥ ``cutoff``, which the delete leaves alone."""
         if self.cleaner is None or (self._cleaning is not None and self._cleaning.is_alive()):
             return
 

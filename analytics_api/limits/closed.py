@@ -35,6 +35,13 @@ A segment is computed again (a new version) when:
   (another table identity, e.g. a migration's ``EXCHANGE TABLES``): every segment is
   recomputed.
 
+Budget: a refresh computes segments for ``BUDGET_S`` at most (one query at least), in queries of one day and one
+shape of policies at most, a shape's policies together and oldest first. A policy with segments left is *pending*:
+the job does not count it at that refresh (its counters, state records and alert decisions stay as they were) and
+its totals here stay as they were too. A pending segment that has a stored version gets a newer index row marked
+``STALE`` before the parts snapshot moves on, so it is computed later even though its new data is no longer "new"
+(and after a restart). A cold start (every segment missing) is so spread over a series of refreshes.
+
 Sums: the total of a policy's closed segments per value key is kept in memory and
 updated with the difference of the segments that changed (ClickHouse sums the segment
 rows with signs: a newly closed hour or day is added, a recomputed segment replaces its

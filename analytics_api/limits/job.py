@@ -7,7 +7,9 @@ One refresh (:meth:`LimitsJob.run_once`):
    cuts changed are recomputed) are brought up to date and their per-value-key sums
    taken; one aggregate query counts what they leave: the current hour of every
    usage-limits window and the partial hours at the edges of every sliding window
-   (``warehouse.queries.limits``).
+   (``warehouse.queries.limits``). Segments are computed for a time budget per refresh;
+   a policy with segments left is held: not counted at this refresh, its counters, state
+   records and alert decisions stay as they were.
 2. **Evaluate** (Polars, ``counters``): usage per value key, statuses, the alerts that
    became due, the enforcement records.
 3. **Persist, then publish.** Alerts: the decision is written to ``limit_alerts``

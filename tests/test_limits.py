@@ -306,15 +306,20 @@ class Scenario:
         return expected
 
 
-def test_counters_follow_periods_resets_late_events_and_redelivery(lapi, lsettings, workers, warehouse, producer, make_key,
-                                                                    org, clock):
+def with_policies(lapi, lsettings, warehouse, producer, make_key, org, clock) -> tuple[str, Scenario, "Tail", "Tail"]:
+    """A key, the Scenario with POLICIES created at 2026-10-28 12:00, and tails of the alert and state topics."""
     key = make_key(org)
-    rng = random.Random(2026)
     s = Scenario(lapi, key, org, clock, lsettings, producer, warehouse)
     clock.set("2026-10-28T12:00:00")
     for name, body in POLICIES.items():
         s.create(name, "usage-limits", body)
-    alerts, states = Tail(lsettings.kafka_bootstrap, lsettings.topic_limit_alerts), Tail(lsettings.kafka_bootstrap, lsettings.topic_limits_state)
+    return key, s, Tail(lsettings.kafka_bootstrap, lsettings.topic_limit_alerts), Tail(lsettings.kafka_bootstrap, lsettings.topic_limits_state)
+
+
+def test_counters_follow_periods_resets_late_events_and_redelivery(lapi, lsettings, workers, warehouse, producer, make_key,
+                                                                    org, clock):
+    rng = random.Random(2026)
+    key, s, alerts, states = with_policies(lapi, lsettings, warehouse, producer, make_key, org, clock)
     expected_alerts: set[tuple] = set()
     job = new_job(lsettings, clock, org)
 
@@ -760,14 +765,9 @@ def test_cold_start_counts_in_steps_and_holds_pending_policies(lapi, lsettings, 
     with segments left is not counted yet: no counters, state records or alerts for it, and after that its last
     ones stay as they were; once its segments are all there it equals the reference. Segments left after late
     events are computed even by a restarted job (the parts snapshot has moved on by then)."""
-    key = make_key(org)
     rng = random.Random(99)
-    s = Scenario(lapi, key, org, clock, lsettings, producer, warehouse)
-    clock.set("2026-10-28T12:00:00")
-    for name, body in POLICIES.items():
-        s.create(name, "usage-limits", body)
+    key, s, alerts, states = with_policies(lapi, lsettings, warehouse, producer, make_key, org, clock)
     name_of = {pid: name for name, pid in s.ids.items()}
-    alerts, states = Tail(lsettings.kafka_bootstrap, lsettings.topic_limit_alerts), Tail(lsettings.kafka_bootstrap, lsettings.topic_limits_state)
     s.publish(stage(org, rng, 300, "2026-10-28T12:00:00", "2026-11-03T09:59:00"))
     clock.set("2026-11-03T10:00:00")
 

@@ -413,7 +413,7 @@ class ClosedSegments:
         that they are computed even after the parts snapshot has moved past their new data (or after a restart).
         Their old rows stay: the in-memory totals of their policy still hold them."""
         version = time.time_ns()
-        rows = [(pid, a, b, version, STALE) for pid, a, b in left if (pid, a, b) in self.index]
+        rows = [(pid, a, b, version, STALE) for pid, a, b in left if self.index.get((pid, a, b), (0, STALE))[1] != STALE]
         q.insert_segment_index(self.client, rows, now_ms)
         for pid, a, b, v, h in rows:
             self.index[(pid, a, b)] = (v, h)

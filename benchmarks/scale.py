@@ -1,6 +1,7 @@
 """Scale-out and faults: ingest rate with 1 and 2 consumers, poison pills, lag recovery after a warehouse outage.
 
     .venv/bin/python benchmarks/scale.py [--events 300000] [--poison 30000] [--outage-seconds 30] [--rate 5000]
+        [--retry-max-seconds S] [--skip scale,poison,outage]
 
 Everything runs against one embedded broker started here; each phase is a real
 `tollgate up` (embedded warehouse in a fresh data directory, TOLLGATE_KAFKA_BOOTSTRAP
@@ -14,7 +15,8 @@ pointing at this broker), the same command with another `--ingest-workers`.
    strings, half gateway logs with a wrong field), on a second topic, `--ingest-workers 2`:
    the rate of good events against the clean 2-worker run, and the dead letters counted.
 3. Warehouse outage: `tollgate up --ingest-workers 2` consumes a live stream of `--rate`
-   events/s; after 10 s TOLLGATE_INGEST_FAULT_FILE is created for `--outage-seconds` (every
+   events/s; after 10 s of warm-up and 10 s of steady state (its lag is "the lag before")
+   TOLLGATE_INGEST_FAULT_FILE is created for `--outage-seconds` (every
    insert fails), then removed. Lag = events acknowledged by the broker − offsets committed,
    sampled every 0.5 s: the lag before, the peak, and the time from the end of the outage
    until the lag is back to its level before the outage. Then the stream stops, ingest
@@ -136,7 +138,10 @@ def bad_events(rng: random.Random, n: int) -> list[bytes]:
 
 def outage_phase(broker: EmbeddedBroker, args, admin: KafkaAdminClient) -> dict:
     fault = Path(tempfile.mkdtemp(prefix="tollgate-fault-")) / "warehouse-down"
-    stack = Stack(broker.bootstrap, "scale-live", "scale-live", 2, TOLLGATE_INGEST_FAULT_FILE=str(fault))
+    extra = {"TOLLGATE_INGEST_FAULT_FILE": str(fault)}
+    if args.retry_max_seconds:
+        extra["TOLLGATE_INGEST_RETRY_MAX_SECONDS"] = str(args.retry_max_seconds)
+    stack = Stack(broker.bootstrap, "scale-live", "scale-live", 2, **extra)
     acked = 0
     stop = threading.Event()
     lock = threading.Lock()
@@ -182,15 +187,16 @@ def outage_phase(broker: EmbeddedBroker, args, admin: KafkaAdminClient) -> dict:
             sample()
             time.sleep(0.5)
 
+    run_for(10)  # start-up and the group join
+    warm = len(samples)
     run_for(10)
-    before = [lag for _, lag in samples]
+    before = [lag for _, lag in samples[warm:]]
     baseline = max(before)
     fault.touch()
     down_at = time.perf_counter() - t0
     run_for(args.outage_seconds)
     fault.unlink()
     up_at = time.perf_counter() - t0
-    peak = max(lag for _, lag in samples)
     drained_at = None
     deadline = time.perf_counter() + 300
     while time.perf_counter() < deadline:
@@ -199,6 +205,7 @@ def outage_phase(broker: EmbeddedBroker, args, admin: KafkaAdminClient) -> dict:
             break
         time.sleep(0.5)
     run_for(5)
+    peak = max(lag for _, lag in samples)
     stop.set()
     producer_thread.join()
     with lock:
@@ -207,7 +214,7 @@ def outage_phase(broker: EmbeddedBroker, args, admin: KafkaAdminClient) -> dict:
         time.sleep(0.5)
     stored, _ = stack.stop()
     print("lag over time (s: lag): " + ", ".join(f"{t:.0f}: {lag:,}" for t, lag in samples[::4]))
-    return {"rate_per_s": args.rate, "outage_s": args.outage_seconds, "lag_before_max": baseline,
+    return {"rate_per_s": args.rate, "outage_s": args.outage_seconds, "retry_max_s": args.retry_max_seconds or 30, "lag_before_max": baseline,
             "lag_before_mean": round(sum(before) / len(before)), "outage_from_s": round(down_at, 1),
             "outage_to_s": round(up_at, 1), "peak_lag": peak,
             "drain_seconds": None if drained_at is None else round(drained_at - up_at, 1),
@@ -220,6 +227,8 @@ def main() -> None:
     ap.add_argument("--poison", type=int, default=30_000, help="bad events mixed into the poison run")
     ap.add_argument("--outage-seconds", type=float, default=30)
     ap.add_argument("--rate", type=int, default=5_000, help="events/s of the live stream in the outage phase")
+    ap.add_argument("--retry-max-seconds", type=float,
+                    help="TOLLGATE_INGEST_RETRY_MAX_SECONDS in the outage phase (default: the setting's default, 30)")
     ap.add_argument("--skip", default="", help="comma-separated phases to skip: scale,poison,outage")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -265,7 +274,8 @@ def main() -> None:
         if "outage" not in skip:
             out = outage_phase(broker, args, admin)
             result["outage"] = out
-            print(f"outage: {out['outage_s']:.0f} s at {out['rate_per_s']:,} events/s, 2 workers: lag before ≤ "
+            print(f"outage: {out['outage_s']:.0f} s at {out['rate_per_s']:,} events/s, 2 workers, retry back-off capped at "
+                  f"{out['retry_max_s']:g} s: lag before ≤ "
                   f"{out['lag_before_max']:,} (mean {out['lag_before_mean']:,}), peak {out['peak_lag']:,}, back to the "
                   f"level before {out['drain_seconds']} s after the outage; stored {out['stored']:,} of {out['produced']:,}")
         admin.close()

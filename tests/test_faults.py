@@ -23,11 +23,11 @@ import orjson
 import polars as pl
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings as hyp_settings, strategies as st
+from kafka import KafkaConsumer
 
 from analytics_api.app import create_app
 from analytics_api.publish import Publisher
 from conftest import committed_offsets, committed_total, publish, read_topic, serve, wait_until
-from kafka import KafkaConsumer
 from factories import gateway_log
 from ingest.consumer import IngestConsumer
 from ingest.dead_letter import DeadLetterQueue
@@ -145,7 +145,8 @@ def test_separate_ingest_processes_share_the_topic_on_a_server(settings6, produc
     from warehouse.client import connect
 
     s = settings6
-    topic, group = s.topic_gateway_logs, f"{s.ingest_consumer_group}.{topic}"
+    topic = s.topic_gateway_logs
+    group = f"{s.ingest_consumer_group}.{topic}"
     dsn = os.environ["TOLLGATE_TEST_CLICKHOUSE_URL"]
     env = {**ingest_env(s, broker, tmp_path, batch_size=2_000), "TOLLGATE_CLICKHOUSE_DSN": dsn}
     subprocess.run([*CLI, "migrate"], env=env, check=True, capture_output=True)

@@ -54,7 +54,7 @@ def quiet_gc() -> None:
 def worker_main(settings_json: str, bootstrap: str, index: int, conn, log_level: int) -> None:
     """Entry point of a worker process."""
     _die_with_parent()
-    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s")
+    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s worker-{index}[%(process)d] %(name)s: %(message)s")
     stop = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -65,7 +65,7 @@ def worker_main(settings_json: str, bootstrap: str, index: int, conn, log_level:
         remote = RemoteSink(conn, spool_dir(settings))
         make_sink = lambda: remote  # noqa: E731 - one pipe per process
     else:
-        make_sink = lambda: DirectSink(settings.warehouse_dsn)  # noqa: E731
+        make_sink = lambda: DirectSink(settings.warehouse_dsn, settings.ingest_fault_file)  # noqa: E731
     workers = IngestWorkers(settings, bootstrap, workers=1, sink=make_sink)
     quiet_gc()
     workers.start()
@@ -97,7 +97,7 @@ class IngestProcesses:
         if self.settings.is_embedded_warehouse:
             spool_dir(self.settings).mkdir(parents=True, exist_ok=True)
             parent_end, conn = self._ctx.Pipe()
-            SinkServer(self.settings.warehouse_dsn, parent_end, f"worker-{index}").start()
+            SinkServer(self.settings.warehouse_dsn, parent_end, f"worker-{index}", self.settings.ingest_fault_file).start()
         proc = self._ctx.Process(
             target=worker_main,
             args=(self._settings_json, self.bootstrap, index, conn, logging.getLogger().level),

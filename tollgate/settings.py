@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     ingest_consumer_group: str = "tollgate-ingest"
     ingest_workers: int = Field(1, ge=1, description="Ingest worker processes; each runs one consumer per topic.")
     ingest_retry_max_seconds: float = Field(30.0, gt=0, description="Cap of the insert retry back-off.")
+    ingest_fault_file: Path | None = Field(
+        None, description="Fault injection: while this file exists every ingest insert fails (a warehouse outage drill)."
+    )
 
     # -- warehouse -----------------------------------------------------------
     retention_days: int = Field(365, ge=0, description="TTL of generations in days; 0 keeps rows forever.")

@@ -155,11 +155,13 @@ def grouped(client: Client, where: Where, group: str, measures: list[str], metad
 TRACES_WITH_FEEDBACK = "SELECT trace_hash FROM feedback WHERE organisation_id = {scope_org:String}"
 
 
-# What a query may need of a trace's requests. `model` (of the first request; ties:
-# smallest id) reads `id` for every matched row, so only the per-model graph asks for it.
+# What a query may need of a trace's requests: when it started, and the model of its
+# first request (requests that started at the same millisecond: the smallest model name;
+# breaking the tie by the smaller id instead read every matched row's id string, which
+# cost the per-model graph about a fifth of its time).
 TRACE_ATTRIBUTES = {
     "first_at": "min(created_at)",
-    "model": "argMin(ai_model, (created_at, id))",
+    "model": "argMin(ai_model, (created_at, ai_model))",
 }
 
 

@@ -50,7 +50,7 @@ import orjson
 from apscheduler.triggers.cron import CronTrigger
 
 from exports.destinations import Destination, destination
-from exports.jobs import invalid, iso, parse_filters
+from exports.jobs import invalid, iso, parse_filters, record_export
 from exports.writers import MANIFEST, PartWriter, manifest, write_manifest
 from tollgate.settings import Settings
 from warehouse.client import ClientPool
@@ -328,6 +328,7 @@ class ScheduleService:
             return q.write_run(client, row)
 
     def _run_window_now(self, schedule: q.ScheduleRow, fire: datetime, cause: str, attempts: int) -> q.RunRow:
+        started = time.monotonic()
         start, end = window_of(fire, schedule.window_kind, ZoneInfo(schedule.timezone))
         run = self._write_run(q.RunRow(schedule.id, schedule.organisation_id, start, end, fire, "running", cause,
                                            attempts, 0, "[]", "", datetime.now(UTC), None, _version()))
@@ -345,6 +346,7 @@ class ScheduleService:
         finally:
             if data is not None:
                 data.close()
+        record_export("scheduled", done.status, time.monotonic() - started, done.row_count)
         return self._write_run(done)
 
     def request_backfill(self, client, schedule: q.ScheduleRow, start: datetime, end: datetime,

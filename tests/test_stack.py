@@ -67,7 +67,8 @@ def test_up_seed_read_stop(tmp_path):
     log_id = seeded.stdout.split("last log id: ")[1].split()[0]
 
     with httpx.Client(base_url=stack.url, headers={"x-portkey-api-key": key}, timeout=10) as http:
-        assert http.get("/v1/health").json() == {"status": "ok", "clickhouse": "ok", "kafka": "ok"}
+        assert http.get("/v1/health").json() == {"status": "ok"}
+        assert http.get("/v1/ready").json() == {"status": "ready", "clickhouse": "ok", "kafka": "ok"}
         deadline = time.monotonic() + 60
         while (r := http.get(f"/v1/logs/{log_id}")).status_code == 404 and time.monotonic() < deadline:
             time.sleep(0.2)

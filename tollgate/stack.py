@@ -9,6 +9,7 @@ this process) are its children.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -24,6 +25,7 @@ from analytics_api.auth import SCOPES, hash_key, new_key
 from analytics_api.limits import job as limits
 from ingest.producer import ensure_topics
 from ingest.processes import IngestProcesses
+from tollgate import monitoring
 from tollgate.broker import EmbeddedBroker
 from tollgate.settings import Settings
 from warehouse.client import connect
@@ -45,18 +47,38 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-class StopSignal:
-    """SIGINT/SIGTERM set an event the main thread waits on."""
+log = logging.getLogger(__name__)
 
-    def __init__(self) -> None:
+EXIT_GRACE_EXCEEDED = 1
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set an event the main thread waits on, and start the grace period: a role that
+    has not finished its shutdown (drain, insert, commit) ``grace`` seconds after the signal exits
+    anyway, with code 1. Whatever it had not committed is re-delivered by Kafka later."""
+
+    def __init__(self, grace: float | None = None) -> None:
         self.event = threading.Event()
+        self.grace = grace
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if self.event.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop waiting for the drain
+        if not self.event.is_set() and self.grace:
+            log.info("%s: shutting down (grace period %gs)", signal.Signals(signum).name, self.grace)
+            watchdog = threading.Timer(self.grace, self._expired)
+            watchdog.daemon = True
+            watchdog.start()
         self.event.set()
+
+    def _expired(self) -> None:
+        log.error("shutdown did not finish within the grace period of %gs (TOLLGATE_SHUTDOWN_GRACE_SECONDS); "
+                  "exiting with code %d: uncommitted events will be re-delivered", self.grace, EXIT_GRACE_EXCEEDED)
+        say("stopped: the grace period ran out")
+        logging.shutdown()
+        os._exit(EXIT_GRACE_EXCEEDED)
 
     def wait(self) -> None:
         while not self.event.wait(0.5):
@@ -107,8 +129,11 @@ def ensure_admin_key(settings: Settings, client) -> str | None:
 class ApiServer:
     """uvicorn on a thread, so the main thread owns signals and the shutdown order."""
 
-    def __init__(self, app, host: str, port: int):
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    def __init__(self, app, host: str, port: int, grace: float, lifespan: str = "off", log_level: str = "warning"):
+        # our log lines (tollgate/logs.py) and our access log (analytics_api/observe.py), not uvicorn's
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan=lifespan, log_config=None,
+                                access_log=False, timeout_graceful_shutdown=max(1, int(grace) - 5))
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="api", daemon=True)
 
     def start(self, timeout: float = 30.0) -> None:
@@ -121,11 +146,11 @@ class ApiServer:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(15)
+        self.thread.join()
 
 
 def up(settings: Settings, host: str, port: int, ingest_workers: int | None = None) -> int:
-    stop = StopSignal()
+    stop = StopSignal(settings.shutdown_grace_seconds)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     running = read_stack_file(settings)
     if running:
@@ -150,8 +175,10 @@ def up(settings: Settings, host: str, port: int, ingest_workers: int | None = No
         workers = IngestProcesses(settings, bootstrap, ingest_workers or settings.ingest_workers)
         workers.start()
         cleanup.callback(workers.stop)  # runs before the broker stops: drain, insert, commit
+        monitoring.serve(settings.metrics_host, settings.metrics_port)  # besides the API's /metrics, if asked for
 
         scheduler = BackgroundScheduler(timezone="UTC")
+        monitoring.watch_misfires(scheduler)
         if settings.settle_interval_seconds:
             settle_client = connect(settings.warehouse_dsn)
             scheduler.add_job(settle, "interval", seconds=settings.settle_interval_seconds, args=[settle_client],
@@ -163,7 +190,7 @@ def up(settings: Settings, host: str, port: int, ingest_workers: int | None = No
         cleanup.callback(limits_job.close)  # waits for a refresh in flight
         install_exports(settings, client, scheduler)  # scheduled exports, and exports a crash left running
 
-        api = ApiServer(create_app(settings, bootstrap), host, port)
+        api = ApiServer(create_app(settings, bootstrap), host, port, settings.shutdown_grace_seconds)
         api.start()
         cleanup.callback(api.stop)  # first to stop: no new requests while draining
 
@@ -183,31 +210,39 @@ def up(settings: Settings, host: str, port: int, ingest_workers: int | None = No
         except KeyboardInterrupt:
             pass
         say("stopping: draining ingest workers…")
+    if not workers.drained:
+        say("stopped, but an ingest worker did not drain within the grace period")
+        return EXIT_GRACE_EXCEEDED
     say("stopped")
     return 0
 
 
 def run_ingest(settings: Settings, workers: int | None = None) -> int:
     """Production role: consumers only, against a Kafka cluster and a ClickHouse server."""
-    stop = StopSignal()
+    stop = StopSignal(settings.shutdown_grace_seconds)
     bootstrap = kafka_bootstrap(settings)
     ensure_topics(bootstrap, settings.all_topics, settings.topic_partitions)
     pool = IngestProcesses(settings, bootstrap, workers or settings.ingest_workers)
     pool.start()
+    monitoring.serve(settings.metrics_host, settings.metrics_port)
     say(f"ingest: {pool.count} worker process(es) on {bootstrap} → {settings.warehouse_dsn}")
     stop.wait()
-    pool.stop()
+    if not pool.stop():
+        log.error("ingest: a worker did not drain within the grace period; its uncommitted events will be re-delivered")
+        return EXIT_GRACE_EXCEEDED
     return 0
 
 
 def run_limits(settings: Settings) -> int:
     """Production role: the limits job alone (counters, alerts, the state feed); run one per warehouse."""
-    stop = StopSignal()
+    stop = StopSignal(settings.shutdown_grace_seconds)
     bootstrap = kafka_bootstrap(settings)
     ensure_topics(bootstrap, list(settings.limit_topics), settings.topic_partitions, configs=settings.limit_topics)
     scheduler = BackgroundScheduler(timezone="UTC")
+    monitoring.watch_misfires(scheduler)
     job = limits.schedule(scheduler, settings, bootstrap)
     scheduler.start()
+    monitoring.serve(settings.metrics_host, settings.metrics_port)
     say(f"limits: a refresh every {settings.limits_interval:g} s, {settings.warehouse_dsn} → {bootstrap}")
     stop.wait()
     scheduler.shutdown(wait=True)
@@ -216,6 +251,12 @@ def run_limits(settings: Settings) -> int:
 
 
 def run_api(settings: Settings, host: str, port: int) -> int:
-    """Production role: the API only."""
-    uvicorn.run(create_app(settings, kafka_bootstrap(settings)), host=host, port=port, log_level="info")
+    """Production role: the API only. SIGTERM: stop taking requests, finish those in flight, close."""
+    stop = StopSignal(settings.shutdown_grace_seconds)
+    api = ApiServer(create_app(settings, kafka_bootstrap(settings)), host, port, settings.shutdown_grace_seconds,
+                    lifespan="on", log_level="info")
+    api.start()
+    say(f"API: http://{host}:{port}/v1")
+    stop.wait()
+    api.stop()
     return 0

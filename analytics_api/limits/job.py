@@ -43,6 +43,7 @@ from kafka.errors import KafkaError
 from analytics_api.limits import counters as c
 from analytics_api.limits.closed import ClosedSegments, PolicyWindow
 from analytics_api.limits.feed import Feed
+from tollgate import monitoring
 from tollgate.settings import Settings
 from warehouse.client import connect
 from warehouse.queries import limits as q
@@ -142,10 +143,14 @@ class LimitsJob:
         """The scheduler's entry point: a refresh that never raises."""
         if self._closed:
             return
+        started, status = time.perf_counter(), "ok"
         try:
             self.run_once()
         except Exception:
+            status = "error"
             log.exception("limits refresh failed; the next one starts over")
+        finally:
+            monitoring.LIMITS_REFRESH_SECONDS.labels(status).observe(time.perf_counter() - started)
 
     def run_once(self, now: datetime | None = None) -> Report:
         with self._lock:

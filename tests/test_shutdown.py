@@ -1,0 +1,102 @@
+"""SIGTERM: every role finishes its batch, commits and exits within TOLLGATE_SHUTDOWN_GRACE_SECONDS; past the
+grace it exits anyway (code 1, logged) and what it had not committed is re-delivered: nothing lost, nothing
+counted twice. The roles are real `tollgate` processes, each with its own embedded warehouse."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import committed_total, wait_until
+from test_crash import CLI, assert_exactly_once, ingest_env, make_stream, spawned_workers, stored_totals
+from tollgate.broker import free_port
+
+
+def start_ingest(env: dict[str, str]) -> subprocess.Popen:
+    proc = subprocess.Popen([*CLI, "ingest"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"ingest:")  # started, signal handlers installed
+    return proc
+
+
+def scraped_events(port: int, topic: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "tollgate_ingest_events_total" and s.labels.get("topic") == topic)
+
+
+def test_sigterm_mid_stream_drains_commits_and_loses_nothing(settings, producer, broker, org, tmp_path):
+    expected, total = make_stream(producer, settings, org, 60_000, resent=0)
+    port = free_port()
+    env = {**ingest_env(settings, broker, tmp_path), "TOLLGATE_SHUTDOWN_GRACE_SECONDS": "30",
+           "TOLLGATE_METRICS_PORT": str(port)}
+    subprocess.run([*CLI, "migrate"], env=env, check=True, capture_output=True)
+    topic = settings.topic_gateway_logs
+    group = f"{settings.ingest_consumer_group}.{topic}"
+    progress = lambda: committed_total(broker.bootstrap, group, topic, settings.topic_partitions)  # noqa: E731
+
+    worker = start_ingest(env)
+    assert wait_until(lambda: progress() > 0, timeout=60, interval=0.1)
+    # the ingest role has no API: its metrics server counts what its worker process stored
+    assert wait_until(lambda: scraped_events(port, topic) > 0, timeout=10)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30 + 15) == 0, worker.stderr.read().decode()[-2000:]
+    committed = progress()
+    assert 0 < committed < total, "the SIGTERM must land mid-stream; make the stream longer"
+    # drained: every stored row is committed and every committed offset is stored
+    assert stored_totals(env, org)["count"] == committed
+
+    again = start_ingest(env)
+    assert wait_until(lambda: progress() >= total, timeout=180, interval=0.3)
+    again.send_signal(signal.SIGTERM)
+    assert again.wait(45) == 0, again.stderr.read().decode()[-2000:]
+    assert_exactly_once(stored_totals(env, org), expected)
+
+
+def test_past_the_grace_period_it_exits_anyway_and_nothing_is_lost(settings, producer, broker, org, tmp_path):
+    """A worker that cannot drain (stopped with SIGSTOP mid-stream): the role exits with code 1 after the grace,
+    saying so; a restart re-reads what was not committed."""
+    expected, total = make_stream(producer, settings, org, 30_000, resent=300)
+    env = {**ingest_env(settings, broker, tmp_path), "TOLLGATE_SHUTDOWN_GRACE_SECONDS": "4"}
+    subprocess.run([*CLI, "migrate"], env=env, check=True, capture_output=True)
+    topic = settings.topic_gateway_logs
+    group = f"{settings.ingest_consumer_group}.{topic}"
+    progress = lambda: committed_total(broker.bootstrap, group, topic, settings.topic_partitions)  # noqa: E731
+
+    owner = start_ingest(env)
+    assert wait_until(lambda: progress() > 0, timeout=60, interval=0.1)
+    [stuck] = spawned_workers(owner.pid)
+    os.kill(stuck, signal.SIGSTOP)
+    owner.send_signal(signal.SIGTERM)
+    assert owner.wait(4 + 20) == 1
+    err = owner.stderr.read().decode()
+    assert "grace period" in err, err[-2000:]
+    assert wait_until(lambda: not os.path.exists(f"/proc/{stuck}"), timeout=10)  # the stuck worker died with it
+    assert progress() < total, "the SIGTERM must land mid-stream"
+
+    again = start_ingest(env)
+    assert wait_until(lambda: progress() >= total, timeout=180, interval=0.3)
+    again.send_signal(signal.SIGTERM)
+    assert again.wait(45) == 0, again.stderr.read().decode()[-2000:]
+    assert_exactly_once(stored_totals(env, org), expected)
+
+
+def test_api_and_limits_roles_stop_cleanly_on_sigterm(settings, broker, tmp_path):
+    env = {**ingest_env(settings, broker, tmp_path), "TOLLGATE_SHUTDOWN_GRACE_SECONDS": "20",
+           "TOLLGATE_LIMITS_INTERVAL": "0.5"}
+    subprocess.run([*CLI, "migrate"], env=env, check=True, capture_output=True)
+    port = free_port()
+    api = subprocess.Popen([*CLI, "api", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert api.stdout.readline().startswith(b"API:")
+    assert httpx.get(f"http://127.0.0.1:{port}/v1/ready", timeout=10).status_code == 200
+    api.send_signal(signal.SIGTERM)
+    assert api.wait(20 + 10) == 0, api.stderr.read().decode()[-2000:]
+
+    limits = subprocess.Popen([*CLI, "limits"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert limits.stdout.readline().startswith(b"limits:")
+    limits.send_signal(signal.SIGTERM)
+    assert limits.wait(20 + 10) == 0, limits.stderr.read().decode()[-2000:]

@@ -49,6 +49,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import orjson
 from apscheduler.triggers.cron import CronTrigger
 
+from analytics_api.params import TIME_RANGE_MESSAGE, in_warehouse_range
 from exports.destinations import Destination, destination
 from exports.jobs import invalid, iso, parse_filters, record_export
 from exports.writers import MANIFEST, PartWriter, manifest, write_manifest
@@ -108,6 +109,8 @@ def parse_time(name: str, raw: Any) -> datetime:
         raise invalid(name, "not an ISO 8601 date-time") from None
     if value.tzinfo is None:
         raise invalid(name, "needs a UTC offset (…Z or …+05:30)")
+    if not in_warehouse_range(value):
+        raise invalid(name, TIME_RANGE_MESSAGE)
     return value.astimezone(UTC)
 
 

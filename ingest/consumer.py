@@ -136,7 +136,10 @@ class IngestConsumer:
             if high is None:
                 continue
             if tp not in self._committed:  # nothing committed by us yet: where consuming started
-                self._committed[tp] = self.consumer.position(tp)
+                try:
+                    self._committed[tp] = self.consumer.position(tp, timeout_ms=1000)
+                except KafkaError:  # no position yet; the next measurement tries again
+                    continue
             m.INGEST_CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, high - self._committed[tp]))
 
     def _forget_lag(self, partitions) -> None:

@@ -2,7 +2,8 @@
 
 A request keeps the ``x-request-id`` it came with when that is a sane token (1–128 of
 ``A-Z a-z 0-9 . _ : -``), else it gets a new one; either way the response echoes it in
-``x-request-id`` and every log line written while serving it carries it. The latency
+``x-request-id``, every log line written while serving it carries it, and so does its audit record
+when the id is this server's (analytics_api/audit.py). The latency
 histogram is labelled by route *template* (``/v1/logs/{logId}``), never the raw path, so
 its cardinality is bounded; a path no route matches counts as ``<unmatched>``.
 """
@@ -24,6 +25,7 @@ from tollgate import logs, monitoring
 access = logging.getLogger("tollgate.access")
 
 HEADER = "x-request-id"
+REQUEST_ID_SCOPE_KEY = "tollgate.request_id"  # (id, whether this server made it) for the audit middleware
 _SANE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 UNMATCHED = "<unmatched>"
 
@@ -71,7 +73,9 @@ class ObserveMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = incoming_id(scope) or uuid.uuid4().hex
+        incoming = incoming_id(scope)
+        rid = incoming or str(uuid.uuid4())
+        scope[REQUEST_ID_SCOPE_KEY] = (rid, incoming is None)
         token = logs.request_id.set(rid)
         status = 500
         started = time.perf_counter()

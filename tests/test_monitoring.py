@@ -138,9 +138,9 @@ def test_request_id_is_echoed_and_on_the_request_log_lines(api, json_lines):
     r = api.get("/v1/health", headers={"x-request-id": "req-42.a:b"})
     assert r.headers["x-request-id"] == "req-42.a:b"
     generated = api.get("/v1/health").headers["x-request-id"]
-    assert len(generated) == 32 and generated != "req-42.a:b"
+    assert len(generated) == 36 and generated != "req-42.a:b"  # a UUID
     unsafe = api.get("/v1/health", headers={"x-request-id": "evil\" id with spaces"}).headers["x-request-id"]
-    assert unsafe != "evil\" id with spaces" and len(unsafe) == 32  # not sane: replaced
+    assert unsafe != "evil\" id with spaces" and len(unsafe) == 36  # not sane: replaced
 
     access = [line for line in json_lines() if line["logger"] == "tollgate.access"]
     assert [line["request_id"] for line in access] == ["req-42.a:b", generated, unsafe]
@@ -199,3 +199,41 @@ def test_scheduler_misfires_are_counted():
     finally:
         scheduler.shutdown(wait=True)
     assert ran == []  # it was missed, not run
+
+
+def test_export_and_limits_job_metrics(api, make_key, org, warehouse, settings):
+    """An on-demand export of K rows: one duration observation (success) and K rows; a limits refresh: one
+    duration observation."""
+    from analytics_api.limits.job import LimitsJob
+    from ingest.events import GENERATIONS
+    from ingest.sink import insert_rows
+
+    key = make_key(org)
+    rng = random.Random(3)
+    now = datetime.now(UTC)
+    events = [gateway_log(org, rng=rng, created_at=now - timedelta(minutes=rng.randrange(1, 600))) for _ in range(57)]
+    insert_rows(warehouse, GENERATIONS, [GENERATIONS.encode(orjson.dumps(e)) for e in events])
+    before = scrape(monitoring.exposition().decode())
+
+    h = {"x-portkey-api-key": key}
+    window = {"time_of_generation_min": (now - timedelta(days=1)).isoformat(), "time_of_generation_max": now.isoformat()}
+    export_id = api.post("/v1/logs/exports", json={"filters": window, "requested_data": ["id", "cost"]}, headers=h).json()["id"]
+    assert api.post(f"/v1/logs/exports/{export_id}/start", headers=h).status_code == 200
+    assert wait_until(lambda: api.get(f"/v1/logs/exports/{export_id}", headers=h).json()["status"] == "success")
+
+    job = LimitsJob(settings, settings.kafka_bootstrap, organisations=[org])
+    try:
+        job.run()
+    finally:
+        job.close()
+
+    def grew(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert wait_until(lambda: value(scrape(monitoring.exposition().decode()), "tollgate_export_rows_total",
+                                    kind="on_demand") - value(before, "tollgate_export_rows_total", kind="on_demand") > 0,
+                      timeout=10)
+    after = scrape(monitoring.exposition().decode())
+    assert grew("tollgate_export_rows_total", kind="on_demand") == len(events)
+    assert grew("tollgate_export_duration_seconds_count", kind="on_demand", status="success") == 1
+    assert grew("tollgate_limits_refresh_seconds_count", status="ok") == 1

@@ -23,6 +23,24 @@ def start_ingest(env: dict[str, str]) -> subprocess.Popen:
     return proc
 
 
+def prepare(settings, broker, tmp_path, grace: int, **extra: str):
+    """A migrated warehouse of its own, the env of `tollgate ingest` with ``grace``, and its committed total."""
+    env = {**ingest_env(settings, broker, tmp_path), "TOLLGATE_SHUTDOWN_GRACE_SECONDS": str(grace), **extra}
+    subprocess.run([*CLI, "migrate"], env=env, check=True, capture_output=True)
+    topic = settings.topic_gateway_logs
+    group = f"{settings.ingest_consumer_group}.{topic}"
+    return env, lambda: committed_total(broker.bootstrap, group, topic, settings.topic_partitions)
+
+
+def finish_and_check(env: dict[str, str], progress, total: int, org: str, expected) -> None:
+    """A restarted ingest reads the rest (and what was not committed) and stops cleanly: exact totals."""
+    again = start_ingest(env)
+    assert wait_until(lambda: progress() >= total, timeout=180, interval=0.3)
+    again.send_signal(signal.SIGTERM)
+    assert again.wait(45) == 0, again.stderr.read().decode()[-2000:]
+    assert_exactly_once(stored_totals(env, org), expected)
+
+
 def scraped_events(port: int, topic: str) -> float:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
@@ -32,12 +50,8 @@ def scraped_events(port: int, topic: str) -> float:
 def test_sigterm_mid_stream_drains_commits_and_loses_nothing(settings, producer, broker, org, tmp_path):
     expected, total = make_stream(producer, settings, org, 60_000, resent=0)
     port = free_port()
-    env = {**ingest_env(settings, broker, tmp_path), "TOLLGATE_SHUTDOWN_GRACE_SECONDS": "30",
-           "TOLLGATE_METRICS_PORT": str(port)}
-    subprocess.run([*CLI, "migrate"], env=env, check=True, capture_output=True)
+    env, progress = prepare(settings, broker, tmp_path, 30, TOLLGATE_METRICS_PORT=str(port))
     topic = settings.topic_gateway_logs
-    group = f"{settings.ingest_consumer_group}.{topic}"
-    progress = lambda: committed_total(broker.bootstrap, group, topic, settings.topic_partitions)  # noqa: E731
 
     worker = start_ingest(env)
     assert wait_until(lambda: progress() > 0, timeout=60, interval=0.1)
@@ -50,22 +64,14 @@ def test_sigterm_mid_stream_drains_commits_and_loses_nothing(settings, producer,
     # drained: every stored row is committed and every committed offset is stored
     assert stored_totals(env, org)["count"] == committed
 
-    again = start_ingest(env)
-    assert wait_until(lambda: progress() >= total, timeout=180, interval=0.3)
-    again.send_signal(signal.SIGTERM)
-    assert again.wait(45) == 0, again.stderr.read().decode()[-2000:]
-    assert_exactly_once(stored_totals(env, org), expected)
+    finish_and_check(env, progress, total, org, expected)
 
 
 def test_past_the_grace_period_it_exits_anyway_and_nothing_is_lost(settings, producer, broker, org, tmp_path):
     """A worker that cannot drain (stopped with SIGSTOP mid-stream): the role exits with code 1 after the grace,
     saying so; a restart re-reads what was not committed."""
     expected, total = make_stream(producer, settings, org, 30_000, resent=300)
-    env = {**ingest_env(settings, broker, tmp_path), "TOLLGATE_SHUTDOWN_GRACE_SECONDS": "4"}
-    subprocess.run([*CLI, "migrate"], env=env, check=True, capture_output=True)
-    topic = settings.topic_gateway_logs
-    group = f"{settings.ingest_consumer_group}.{topic}"
-    progress = lambda: committed_total(broker.bootstrap, group, topic, settings.topic_partitions)  # noqa: E731
+    env, progress = prepare(settings, broker, tmp_path, 4)
 
     owner = start_ingest(env)
     assert wait_until(lambda: progress() > 0, timeout=60, interval=0.1)
@@ -78,17 +84,11 @@ def test_past_the_grace_period_it_exits_anyway_and_nothing_is_lost(settings, pro
     assert wait_until(lambda: not os.path.exists(f"/proc/{stuck}"), timeout=10)  # the stuck worker died with it
     assert progress() < total, "the SIGTERM must land mid-stream"
 
-    again = start_ingest(env)
-    assert wait_until(lambda: progress() >= total, timeout=180, interval=0.3)
-    again.send_signal(signal.SIGTERM)
-    assert again.wait(45) == 0, again.stderr.read().decode()[-2000:]
-    assert_exactly_once(stored_totals(env, org), expected)
+    finish_and_check(env, progress, total, org, expected)
 
 
 def test_api_and_limits_roles_stop_cleanly_on_sigterm(settings, broker, tmp_path):
-    env = {**ingest_env(settings, broker, tmp_path), "TOLLGATE_SHUTDOWN_GRACE_SECONDS": "20",
-           "TOLLGATE_LIMITS_INTERVAL": "0.5"}
-    subprocess.run([*CLI, "migrate"], env=env, check=True, capture_output=True)
+    env, _ = prepare(settings, broker, tmp_path, 20, TOLLGATE_LIMITS_INTERVAL="0.5")
     port = free_port()
     api = subprocess.Popen([*CLI, "api", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert api.stdout.readline().startswith(b"API:")

@@ -129,7 +129,7 @@ def ensure_admin_key(settings: Settings, client) -> str | None:
 class ApiServer:
     """uvicorn on a thread, so the main thread owns signals and the shutdown order."""
 
-    def __init__(self, app, host: str, port: int, grace: float, lifespan: str = "off", log_level: str = "warning"):
+    def __init__(self, app, host: str, port: int, grace: float = 30.0, lifespan: str = "off", log_level: str = "warning"):
         # our log lines (tollgate/logs.py) and our access log (analytics_api/observe.py), not uvicorn's
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan=lifespan, log_config=None,
                                 access_log=False, timeout_graceful_shutdown=max(1, int(grace) - 5))

@@ -134,6 +134,7 @@ class ApiServer:
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan=lifespan, log_config=None,
                                 access_log=False, timeout_graceful_shutdown=max(1, int(grace) - 5))
         self.server = uvicorn.Server(config)
+        self.grace = grace
         self.thread = threading.Thread(target=self.server.run, name="api", daemon=True)
 
     def start(self, timeout: float = 30.0) -> None:
@@ -146,7 +147,7 @@ class ApiServer:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join()
+        self.thread.join(self.grace)
 
 
 def up(settings: Settings, host: str, port: int, ingest_workers: int | None = None) -> int:

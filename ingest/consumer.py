@@ -135,11 +135,14 @@ class IngestConsumer:
             high = self.consumer.highwater(tp)
             if high is None:
                 continue
-            if tp not in self._committed:  # nothing committed by us yet: where consuming started
+            if tp not in self._committed:  # nothing committed by us yet: the group's offset, else the log's start
                 try:
-                    self._committed[tp] = self.consumer.position(tp, timeout_ms=1000)
-                except KafkaError:  # no position yet; the next measurement tries again
+                    start = self.consumer.committed(tp, timeout_ms=1000)
+                    if start is None:
+                        start = self.consumer.beginning_offsets([tp], timeout_ms=1000)[tp]
+                except KafkaError:  # the broker did not answer; the next measurement tries again
                     continue
+                self._committed[tp] = start
             m.INGEST_CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, high - self._committed[tp]))
 
     def _forget_lag(self, partitions) -> None:

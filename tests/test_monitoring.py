@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import random
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -20,6 +21,8 @@ from conftest import committed_total, publish, wait_until
 from factories import gateway_log
 from ingest.processes import IngestProcesses
 from ingest.producer import ensure_topics
+from ingest.sink import DirectSink
+from ingest.workers import IngestWorkers
 from tollgate import logs, monitoring
 from tollgate.broker import EmbeddedBroker
 
@@ -73,6 +76,38 @@ def test_ingest_metrics_of_a_worker_process(settings, broker, producer, warehous
     assert value(s, "tollgate_ingest_events_total", topic=topic) == len(good)
     assert value(s, "tollgate_ingest_dead_letters_total", topic=topic) == len(bad)
     assert not [k for k in s if k[0] == "tollgate_ingest_consumer_lag" and ("topic", topic) in k[1]]
+
+
+def test_consumer_lag_grows_while_inserts_wait_and_drains_after(settings, broker, producer, warehouse, org):
+    """Inserts held back (a warehouse that does not answer yet): each partition's lag is everything published
+    to it; once inserts go through and offsets are committed, it is 0."""
+    gate = threading.Event()
+
+    def make_sink():
+        real = DirectSink(settings.warehouse_dsn)
+
+        def write(codec, rows):
+            gate.wait(60)
+            real(codec, rows)
+
+        return write
+
+    rng = random.Random(org)
+    ends = publish(producer, settings.topic_gateway_logs, [gateway_log(org, rng=rng) for _ in range(500)])
+    topic = settings.topic_gateway_logs
+    pool = IngestWorkers(settings, broker.bootstrap, topics=[topic], sink=make_sink)
+    pool.start()
+    try:
+        def lags() -> dict[int, float]:
+            s = scrape(monitoring.exposition().decode())
+            return {p: value(s, "tollgate_ingest_consumer_lag", topic=topic, partition=str(p)) for p in ends}
+
+        assert wait_until(lambda: lags() == {p: float(n) for p, n in ends.items()}, timeout=30), (lags(), ends)
+        gate.set()
+        assert wait_until(lambda: lags() == {p: 0.0 for p in ends}, timeout=30), lags()
+    finally:
+        gate.set()
+        pool.stop()
 
 
 def _registry_of(pool):

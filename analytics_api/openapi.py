@@ -10,7 +10,8 @@
   (spec/portkey-api-subset.yaml) describes the 200 answer of an operation Tollgate serves, the
   document uses that schema (``$ref``s resolved) instead of FastAPI's ``object``; and an operation
   that reads its query parameters itself (the analytics routes, which parse them in
-  analytics_api/params.py) declares the spec's query parameters. One deliberate difference:
+  analytics_api/params.py) declares the spec's query parameters, one that reads its body itself
+  (``POST /v1/logs``) the spec's request body. One deliberate difference:
   Tollgate's ``organisation_id`` and ``workspace_id`` are free strings (workspace slugs), not the
   UUIDs Portkey's schemas say, so their ``format: uuid`` is dropped; and ``workspace_id`` is null
   on organisation-wide resources (docs/limits.md), so it is declared nullable.
@@ -86,8 +87,9 @@ def relax(node: Any) -> Any:
 
 
 @lru_cache(maxsize=1)
-def portkey_operations() -> dict[tuple[str, str], tuple[dict | None, list[dict]]]:
-    """(method, /v1 path) → the spec's schema of its 200 JSON body and its query parameters, refs resolved."""
+def portkey_operations() -> dict[tuple[str, str], tuple[dict | None, list[dict], dict | None]]:
+    """(method, /v1 path) → the spec's schema of its 200 JSON body, its query parameters and its request body,
+    refs resolved."""
     if not SPEC_PATH.exists():  # an installed package without the repository's spec/: FastAPI's schemas only
         return {}
     spec = yaml.safe_load(SPEC_PATH.read_text())
@@ -111,7 +113,8 @@ def portkey_operations() -> dict[tuple[str, str], tuple[dict | None, list[dict]]
         for method, op in ops.items():
             schema = (((op.get("responses") or {}).get("200") or {}).get("content") or {}).get("application/json", {}).get("schema")
             query = [p for p in resolve(op.get("parameters") or []) if p.get("in") == "query"]
-            out[(method, "/v1" + path)] = (relax(resolve(schema)) if schema else None, query)
+            body = relax(resolve(op["requestBody"])) if op.get("requestBody") else None
+            out[(method, "/v1" + path)] = (relax(resolve(schema)) if schema else None, query, body)
     return out
 
 
@@ -131,7 +134,7 @@ COLUMN_GROUP_PARAMETERS = [
 
 
 def _column_group(path: str, op: dict, portkey: dict) -> None:
-    _, window = portkey.get(("get", "/v1/analytics/groups/users"), (None, []))
+    _, window, _ = portkey.get(("get", "/v1/analytics/groups/users"), (None, [], None))
     op["parameters"] = [*op.get("parameters", []), *window, *COLUMN_GROUP_PARAMETERS]
     for param in op["parameters"]:
         if param["in"] == "path" and param["name"] == "group_by":
@@ -150,12 +153,14 @@ def document(app: FastAPI) -> dict:
             continue
         for method, op in ops.items():
             responses = op.setdefault("responses", {})
+            schema, query, body = portkey.get((method, path), (None, [], None))
+            if body is not None and "requestBody" not in op:  # a route that reads its body itself (POST /v1/logs)
+                op["requestBody"] = body
             declared = {**ERRORS, **(MUTATING_ERRORS if method in MUTATING else {})}
             if "requestBody" in op:
                 declared["400"] = "The body is not JSON"
             for code, description in declared.items():
                 responses[code] = {"description": description, **error_ref}  # also replaces FastAPI's 422
-            schema, query = portkey.get((method, path), (None, []))
             ok = responses.get("200", {}).get("content", {}).get("application/json")
             if schema is not None and ok is not None:
                 ok["schema"] = schema

@@ -1,4 +1,4 @@
-# The Tollgate image for production roles (migrate, ingest, api) against a
+# The Tollgate image for production roles (migrate, ingest, api, scheduler) against a
 # ClickHouse server and a Kafka cluster. The embedded extras (chdb, Tansu) are not
 # needed there.
 FROM python:3.11-slim

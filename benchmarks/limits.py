@@ -19,8 +19,9 @@
    "now" = 2026-11-20 23:57 (the current UTC day holds a full day of data: the worst time
    of day for the live query):
 
-   - **cold**: the first refresh; computes every closed segment (day, hour) of every window and
-     publishes the initial alerts and state records;
+   - **cold start**: the first refreshes, from no stored segments: each computes closed segments
+     (days, hours) for its budget; a policy is counted (counters, alerts, state records) at the
+     first refresh that finds all of its segments computed. Repeated until no policy is pending;
    - **steady**: ``--refreshes`` refreshes, each after inserting 1,000 new generations of the
      last minute (live traffic), 10 s apart on the job's clock; the figure the target is about;
    - **late events**: 1,000 generations of 2026-11-19 (a closed day) inserted, then a refresh;
@@ -178,10 +179,12 @@ def show(label: str, report) -> dict:
     steps = ", ".join(f"{k} {v * 1000:.0f}" for k, v in t.items() if k != "total" and v >= 0.0005)
     flag = "" if report.seconds <= TARGET_S else "   <-- over the 2 s target"
     print(f"{label:<28} {report.seconds * 1000:7.0f} ms   keys {report.value_keys:,}, closed segments computed "
-          f"{report.closed_segments_computed:,} (+{report.closed_days_derived:,} days from their hours), alerts {report.alerts_decided:,}, state records {report.state_records:,}, "
+          f"{report.closed_segments_computed:,} (+{report.closed_days_derived:,} days from their hours, "
+          f"{report.closed_segments_left:,} left, {report.policies_pending:,} policies pending), alerts {report.alerts_decided:,}, state records {report.state_records:,}, "
           f"counters written {report.counters_written:,}{flag}\n{'':<31}({steps})", flush=True)
     return {"label": label, "seconds": round(report.seconds, 3), "value_keys": report.value_keys,
-            "closed_segments_computed": report.closed_segments_computed, "alerts": report.alerts_decided,
+            "closed_segments_computed": report.closed_segments_computed, "closed_segments_left": report.closed_segments_left,
+            "policies_pending": report.policies_pending, "alerts": report.alerts_decided,
             "state_records": report.state_records, "counters_written": report.counters_written,
             "steps_ms": {k: round(v * 1000, 1) for k, v in t.items()}}
 
@@ -207,7 +210,11 @@ def refresh_bench(args) -> None:
         results = []
         busy0 = data.cpu_seconds()
         t0 = time.perf_counter()
-        results.append(show("cold (first refresh)", job.run_once()))
+        cold = []  # a cold start: refreshes until no policy has closed segments left to count
+        while not cold or cold[-1].policies_pending:
+            cold.append(job.run_once())
+            results.append(show(f"cold start, refresh {len(cold)}", cold[-1]))
+        cold_rss = rss_mib()
         steady = []
         for i in range(args.refreshes):
             now[0] = NOW + timedelta(seconds=10 * (i + 1))
@@ -237,6 +244,13 @@ def refresh_bench(args) -> None:
         print(f"\nvalue keys: {keys:,} in the last refresh ({counts[0]:,} counters of {counts[1]:,} policies stored)")
         print(f"steady refreshes: p50 {steady[len(steady) // 2] * 1000:.0f} ms, max {steady[-1] * 1000:.0f} ms "
               f"(target ≤ {TARGET_S * 1000:.0f} ms: {'met' if steady[-1] <= TARGET_S else 'NOT met'})")
+        worst = max(results, key=lambda r: r["seconds"])
+        # the scheduled run refreshes again at once while policies wait, as this loop does
+        print(f"cold start: {len(cold)} refreshes until every policy was counted (max {max(r.seconds for r in cold) * 1000:.0f} ms, "
+              f"p50 {sorted(r.seconds for r in cold)[len(cold) // 2] * 1000:.0f} ms; back to back {sum(r.seconds for r in cold):.1f} s); "
+              f"RSS after it {cold_rss[0]:.0f} MiB (peak {cold_rss[1]:.0f})")
+        print(f"every refresh: max {worst['seconds'] * 1000:.0f} ms ({worst['label']}; target ≤ {TARGET_S * 1000:.0f} ms: "
+              f"{'met' if worst['seconds'] <= TARGET_S else 'NOT met'})")
         print(f"RSS now / peak: {rss_mib()[0]:.0f} / {rss_mib()[1]:.0f} MiB; CPU of other processes during the runs: "
               f"{max(0.0, machine - own):.1f} s over {wall:.1f} s")
         print("RESULT " + json.dumps({"rows": args.rows, "policies": len(rows), "runs": results,

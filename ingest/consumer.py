@@ -2,7 +2,10 @@
 
 Offsets are never auto-committed. On a rebalance the pipeline is drained (insert +
 commit) for a bounded time before the partitions go; whatever is still uncommitted
-is abandoned and re-delivered to the next owner, which the tables collapse.
+is abandoned and re-delivered to the next owner, which the tables collapse. Every
+partition assigned starts at the group's committed offset, also one this consumer
+keeps (kafka-python keeps a kept partition's fetch position, which is past what was
+abandoned or left unprocessed).
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ class IngestConsumer:
         self._pending: deque = deque()  # ConsumerRecords not yet accepted by the pipeline
         self._paused = False
         self._blocked_since: float | None = None
+        self._rewind: set[TopicPartition] = set()  # assigned partitions to start at the committed offset
         self.pause_after_seconds = 5.0
         self.stats = {"consumed": 0, "inserted": 0, "dead_lettered": 0, "batches": 0, "commits": 0}
         self._committed: dict[TopicPartition, int] = {}  # next offset, per partition, as last committed (or found)
@@ -166,7 +170,24 @@ class IngestConsumer:
 
     def _on_assigned(self, assigned) -> None:
         log.info("%s: partitions assigned %s", self.name, sorted((tp.topic, tp.partition) for tp in assigned))
-        self._paused = False
+        self._rewind = set(assigned)  # seek in the poll loop: the listener must not block the client's event loop
+
+    def _poll(self, timeout_ms: int) -> dict:
+        """``consumer.poll``; after a rebalance, each assigned partition restarts at its committed offset
+        (whatever this poll fetched from the kept position is dropped) and nothing stays paused."""
+        records = self.consumer.poll(timeout_ms=timeout_ms)
+        if self._rewind:
+            rewind, self._rewind = self._rewind, set()
+            committed = {tp: self.consumer.committed(tp) for tp in rewind}
+            for tp, offset in committed.items():
+                if offset is None:
+                    self.consumer.seek_to_beginning(tp)
+                else:
+                    self.consumer.seek(tp, offset)
+            self.consumer.resume(*self.consumer.paused())
+            self._paused = False
+            records = {tp: batch for tp, batch in records.items() if tp not in rewind}
+        return records
 
     # -- loop ------------------------------------------------------------------
     def run(self) -> None:
@@ -188,6 +209,7 @@ class IngestConsumer:
             self._forget_lag(list(self._committed))
             self.pipeline.close()
             self.consumer.close(autocommit=False)
+            log.info("%s: stopped after %s", self.name, self.stats)
 
     def _step(self) -> None:
         self._drain_pending()
@@ -203,19 +225,21 @@ class IngestConsumer:
                     if not self._paused:
                         self.consumer.pause(*self.consumer.assignment())
                         self._paused = True
-                    self.consumer.poll(timeout_ms=0)
+                    self._take(self._poll(timeout_ms=0))  # stays in the group; paused partitions return nothing
                 return
         self._blocked_since = None
         if self._paused:
             self.consumer.resume(*self.consumer.paused())
             self._paused = False
-        records = self.consumer.poll(timeout_ms=100)
-        for batch in records.values():
-            self._pending.extend(batch)  # ConsumerRecords have what a Message has: topic, partition, offset, value, key
-            self.stats["consumed"] += len(batch)
+        self._take(self._poll(timeout_ms=100))
         self._drain_pending()
         self.pipeline.poll()
         self._update_lag()
+
+    def _take(self, records: dict) -> None:
+        for batch in records.values():
+            self._pending.extend(batch)  # ConsumerRecords have what a Message has: topic, partition, offset, value, key
+            self.stats["consumed"] += len(batch)
 
     def _drain_pending(self) -> None:
         pending = self._pending

@@ -75,7 +75,7 @@ def worker_main(settings_json: str, bootstrap: str, index: int, conn, log_level:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     settings = Settings.model_validate_json(settings_json)
-    logs.configure(log_level, settings.log_format, process=f"ingest-worker-{index}")
+    logs.configure(log_level, settings.log_format, process=f"ingest-worker-{index}[{os.getpid()}]")
     done = threading.Event()
     if metrics_conn is not None:
         report_metrics(metrics_conn, done)
@@ -85,7 +85,7 @@ def worker_main(settings_json: str, bootstrap: str, index: int, conn, log_level:
         remote = RemoteSink(conn, spool_dir(settings))
         make_sink = lambda: remote  # noqa: E731 - one pipe per process
     else:
-        make_sink = lambda: DirectSink(settings.warehouse_dsn)  # noqa: E731
+        make_sink = lambda: DirectSink(settings.warehouse_dsn, settings.ingest_fault_file)  # noqa: E731
     workers = IngestWorkers(settings, bootstrap, workers=1, sink=make_sink)
     quiet_gc()
     workers.start()
@@ -132,7 +132,7 @@ class IngestProcesses:
         if self.settings.is_embedded_warehouse:
             spool_dir(self.settings).mkdir(parents=True, exist_ok=True)
             parent_end, conn = self._ctx.Pipe()
-            SinkServer(self.settings.warehouse_dsn, parent_end, f"worker-{index}").start()
+            SinkServer(self.settings.warehouse_dsn, parent_end, f"worker-{index}", self.settings.ingest_fault_file).start()
         metrics_in, metrics_out = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(
             target=worker_main,

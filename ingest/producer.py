@@ -16,6 +16,11 @@ def make_producer(bootstrap: str, **overrides) -> KafkaProducer:
     """An idempotence-free, acks=all producer with settings that keep throughput high."""
     config = dict(
         bootstrap_servers=bootstrap.split(","),
+        # kafka-python 3 makes producers idempotent by default; after a broker restart such a
+        # producer asks for its producer id again, which Tansu refuses, and it stays failed for
+        # good (every publish a 503, every dead letter unconfirmable). Re-sent events are
+        # harmless anyway: they carry their ids and the tables collapse them (docs/ingest.md).
+        enable_idempotence=False,
         acks="all",
         linger_ms=5,
         batch_size=512 * 1024,

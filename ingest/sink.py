@@ -51,6 +51,14 @@ class InsertFailed(RuntimeError):
     pass
 
 
+def check_fault(fault_file: Path | None) -> None:
+    """Fault injection at the client boundary (``TOLLGATE_INGEST_FAULT_FILE``): while that file
+    exists every insert fails before it reaches ClickHouse, as when the server is down. Outage
+    drills, the fault tests and benchmarks/scale.py use it; unset (the default) it costs nothing."""
+    if fault_file is not None and fault_file.exists():
+        raise InsertFailed(f"warehouse outage injected: {fault_file} exists")
+
+
 def insert_rows(client, codec: Codec, rows: list[bytes]) -> None:
     """One INSERT … FORMAT JSONCompactEachRow, streamed; ClickHouse parses the batch."""
     client.raw_insert(codec.table, column_names=codec.columns, insert_block=codec.chunks(rows),
@@ -71,10 +79,12 @@ def insert_file(client, table: str, columns: list[str], path: str) -> None:
 
 
 class DirectSink:
-    def __init__(self, dsn: str):
+    def __init__(self, dsn: str, fault_file: Path | None = None):
         self.client = connect(dsn)
+        self.fault_file = fault_file
 
     def __call__(self, codec: Codec, rows: list[bytes]) -> None:
+        check_fault(self.fault_file)
         insert_rows(self.client, codec, rows)
 
 
@@ -104,9 +114,10 @@ class RemoteSink:
 class SinkServer:
     """In the warehouse-owning process: insert what one worker process sends, and answer."""
 
-    def __init__(self, dsn: str, conn: Connection, name: str):
+    def __init__(self, dsn: str, conn: Connection, name: str, fault_file: Path | None = None):
         self.dsn = dsn
         self.conn = conn
+        self.fault_file = fault_file
         self.thread = threading.Thread(target=self._serve, name=f"sink-{name}", daemon=True)
 
     def start(self) -> "SinkServer":
@@ -127,6 +138,7 @@ class SinkServer:
             except (EOFError, OSError):
                 return  # the worker process is gone
             try:
+                check_fault(self.fault_file)
                 insert_file(client, table, columns, path)
                 answer = ("ok", None)
             except Exception as exc:  # the worker retries with back-off

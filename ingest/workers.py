@@ -73,7 +73,7 @@ class IngestWorkers:
     ):
         self.settings = settings
         self.bootstrap = bootstrap
-        self.make_sink = sink or (lambda: DirectSink(settings.warehouse_dsn))
+        self.make_sink = sink or (lambda: DirectSink(settings.warehouse_dsn, settings.ingest_fault_file))
         self.producer = make_producer(bootstrap)
         self.dead_letters = DeadLetterQueue(self.producer, settings.topic_dead_letter)
         codecs = codecs_by_topic(settings)

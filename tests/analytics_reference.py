@@ -468,7 +468,7 @@ class Reference:
         """Each feedback of a selected trace once, with the bucket and model of the trace's first request."""
         first = (
             sel.filter(pl.col("trace") != "")
-            .sort("ts", "id")
+            .sort("ts", "ai_model")  # ties at the same millisecond: the smallest model name
             .group_by("trace", maintain_order=True)
             .agg(pl.col("bucket").first(), pl.col("ai_model").first())
         )

@@ -4,17 +4,27 @@ One chdb engine path per process: the whole session shares one warehouse
 directory. Tests stay independent by using their own organisation ids and their
 own topics (``settings`` gives each test fresh topic names). Tests that need a
 warehouse of their own (crash tests) run ingest in subprocesses.
+
+``TOLLGATE_TEST_CLICKHOUSE_URL`` (``http://user:pass@host:8123``): every test that uses the
+warehouse runs a second time against that ClickHouse server (parameter ``server`` of
+``warehouse_dsn``), in a database of its own created for the session (``tollgate_test_<random>``,
+dropped at the end), so runs sharing the server never collide; inside it, tests keep apart
+by organisation and topics as on chdb. Unset, nothing is parametrized: the same tests, ids
+and embedded warehouse as always. Tests that start their own `tollgate up` or ingest
+processes keep their own embedded warehouse either way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import pytest
@@ -53,9 +63,31 @@ def data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tollgate")
 
 
+TEST_SERVER = os.environ.get("TOLLGATE_TEST_CLICKHOUSE_URL", "").strip()
+
+
+def with_database(url: str, database: str) -> str:
+    """``url`` (``http(s)://user:pass@host:port[/db]``) with ``database`` as its database."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, parts.fragment))
+
+
+@pytest.fixture(scope="session", **({"params": ["embedded", "server"]} if TEST_SERVER else {}))
+def warehouse_dsn(request) -> str | None:
+    """None: the embedded warehouse in the session's data dir; else the test server's DSN, in a fresh database."""
+    if getattr(request, "param", "embedded") == "embedded":
+        return None
+    database = f"tollgate_test_{uuid.uuid4().hex[:12]}"
+    admin = connect(TEST_SERVER)
+    admin.command(f"CREATE DATABASE {database}")
+    request.addfinalizer(lambda: admin.command(f"DROP DATABASE IF EXISTS {database} SYNC"))
+    return with_database(TEST_SERVER, database)
+
+
 @pytest.fixture(scope="session")
-def base_settings(data_dir, broker) -> Settings:
+def base_settings(data_dir, broker, warehouse_dsn) -> Settings:
     return Settings(
+        clickhouse_dsn=warehouse_dsn,
         data_dir=data_dir,
         kafka_bootstrap=broker.bootstrap,
         retention_days=0,

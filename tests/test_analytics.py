@@ -341,6 +341,12 @@ ENDPOINTS = [Endpoint(r) for r in (
     Endpoint("groups/provider", {"columns": "avg_latency,last_seen", "order_by": "last_seen", "include_total": "true"},
              "last-seen"),
     Endpoint("groups/prompt", {"columns": "cost,users,error_rate", "page_size": "3"}, "cost-first"),
+    # feedback columns with measures that combine per trace and no total: the one-scan query
+    Endpoint("groups/ai_service", {"columns": "requests,avg_weighted_feedback,requests_with_feedback,avg_latency,"
+                                              "cache_hits,error_rate,last_seen", "order_by": "avg_weighted_feedback"},
+             "feedback-one-scan"),
+    # feedback columns with a percentile and no total: the two-query path
+    Endpoint("groups/workspace", {"columns": "requests_with_feedback,p90_latency,users"}, "feedback-percentile"),
 ]
 
 # --------------------------------------------------------------------------- fixtures

@@ -31,3 +31,55 @@ def test_images_are_pinned():
         if "image" in svc:
             repo, _, tag = svc["image"].rpartition(":")
             assert repo and tag and tag != "latest", f"{name}: {svc['image']} is not pinned"
+
+
+SERVICES = COMPOSE["services"]
+TOLLGATE = {name: svc for name, svc in SERVICES.items() if svc.get("build")}
+
+
+def test_every_production_role_runs_as_its_own_service():
+    roles = {svc["command"][0]: name for name, svc in TOLLGATE.items()}
+    assert {"migrate", "ingest", "api", "scheduler"} <= set(roles), roles
+    assert SERVICES[roles["ingest"]]["deploy"]["replicas"] == 2
+    migrate = SERVICES[roles["migrate"]]
+    assert migrate["restart"] == "no"  # one-shot
+    for role in ("ingest", "api", "scheduler"):  # start after the migrations succeeded
+        assert SERVICES[roles[role]]["depends_on"][roles["migrate"]] == {"condition": "service_completed_successfully"}
+
+
+def test_depends_on_names_services_and_waits_only_for_healthchecks_that_exist():
+    for name, svc in SERVICES.items():
+        for dep, cond in (svc.get("depends_on") or {}).items():
+            assert dep in SERVICES, f"{name} depends on unknown {dep}"
+            if cond["condition"] == "service_healthy":
+                assert "healthcheck" in SERVICES[dep], f"{name} waits for {dep}'s health, which has no healthcheck"
+            if cond["condition"] == "service_completed_successfully":
+                assert SERVICES[dep].get("restart") == "no", f"{dep} is waited for as a one-shot but restarts"
+
+
+def test_the_export_bucket_is_created_by_a_one_shot_before_the_roles_that_write_it():
+    env = TOLLGATE["api"]["environment"]
+    assert env["TOLLGATE_EXPORT_DESTINATION"] == "s3"
+    bucket = env["TOLLGATE_EXPORT_S3_BUCKET"]
+    endpoint = env["TOLLGATE_EXPORT_S3_ENDPOINT"]
+    minio = next(name for name, svc in SERVICES.items() if svc.get("image", "").startswith("minio/minio:"))
+    assert endpoint == f"http://{minio}:9000"
+    setup = [name for name, svc in SERVICES.items() if svc.get("image", "").startswith("minio/mc:")]
+    assert len(setup) == 1
+    mc = SERVICES[setup[0]]
+    script = " ".join(mc["command"])
+    assert f"mb --ignore-existing tg/{bucket}" in script and endpoint in script
+    assert mc["restart"] == "no" and mc["depends_on"][minio] == {"condition": "service_healthy"}
+    # the credentials the roles use are the ones the bucket was made with
+    assert f"{env['TOLLGATE_EXPORT_S3_ACCESS_KEY_ID']} {env['TOLLGATE_EXPORT_S3_SECRET_ACCESS_KEY']}" in script
+    for role in ("api", "scheduler"):  # on-demand exports and scheduled ones
+        assert TOLLGATE[role]["depends_on"][setup[0]] == {"condition": "service_completed_successfully"}
+
+
+def test_every_image_and_volume_is_declared():
+    volumes = set(COMPOSE.get("volumes") or {})
+    for name, svc in SERVICES.items():
+        assert svc.get("image") or svc.get("build"), name
+        for mount in svc.get("volumes") or []:
+            source = mount.split(":", 1)[0]
+            assert source.startswith(("/", ".")) or source in volumes, f"{name}: volume {source} is not declared"

@@ -1,4 +1,4 @@
-"""(c) An ingest worker SIGKILLed mid-stream, several times, still stores every event exactly once.
+"""(c) An ingest process SIGKILLed mid-stream, several times, still stores every event exactly once.
 
 The worker is a real `tollgate ingest` process with its own embedded warehouse (one
 chdb directory per process), so the test reads that warehouse from a subprocess
@@ -7,94 +7,21 @@ after the last worker exited.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
-import polars as pl
-
-from conftest import committed_total, publish, wait_until
-from factories import gateway_log
-
-COUNT_SCRIPT = """
-import json, sys
-from warehouse.client import connect
-c = connect(sys.argv[1])
-q = lambda sql: c.query(sql, parameters={"o": sys.argv[2]}).result_rows[0]
-final = q("SELECT count(), uniqExact(id), sum(cost), sum(total_units) FROM generations FINAL WHERE organisation_id = {o:String}")
-raw = q("SELECT count() FROM generations WHERE organisation_id = {o:String}")
-print(json.dumps({"count": final[0], "distinct": final[1], "cost": final[2], "units": final[3], "physical": raw[0]}))
-"""
-
-
-def ingest_env(settings, broker, tmp_path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "TOLLGATE_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'warehouse'}",
-        "TOLLGATE_KAFKA_BOOTSTRAP": broker.bootstrap,
-        "TOLLGATE_TOPIC_GATEWAY_LOGS": settings.topic_gateway_logs,
-        "TOLLGATE_TOPIC_FEEDBACK": settings.topic_feedback,
-        "TOLLGATE_TOPIC_AUDIT": settings.topic_audit,
-        "TOLLGATE_TOPIC_DEAD_LETTER": settings.topic_dead_letter,
-        "TOLLGATE_INGEST_CONSUMER_GROUP": settings.ingest_consumer_group,
-        "TOLLGATE_INGEST_BATCH_SIZE": "1500",
-        "TOLLGATE_INGEST_BATCH_SECONDS": "0.3",
-        "TOLLGATE_DATA_DIR": str(tmp_path),
-    }
-
-
-def stored_totals(env: dict[str, str], org: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", COUNT_SCRIPT, env["TOLLGATE_CLICKHOUSE_DSN"], org], env=env,
-                         check=True, capture_output=True, text=True)
-    return json.loads(out.stdout)
-
-
-def make_stream(producer, settings, org: str, n: int, resent: int) -> tuple[pl.DataFrame, int]:
-    """n events, ``resent`` of them sent twice (a gateway retry): the expected totals and the offsets to reach."""
-    rng = random.Random(2024)
-    events = [gateway_log(org, rng=rng) for _ in range(n)]
-    redelivered = rng.sample(events, resent)
-    ends = publish(producer, settings.topic_gateway_logs, events + redelivered)
-    assert sum(ends.values()) == n + resent
-    expected = pl.DataFrame({"id": [e["_id"] for e in events], "cost": [e["metrics"]["cost"] for e in events],
-                             "units": [e["metrics"]["total_units"] for e in events]})
-    return expected, n + resent
-
-
-def assert_exactly_once(stored: dict, expected: pl.DataFrame) -> None:
-    assert stored["count"] == expected.height == stored["distinct"]
-    assert abs(stored["cost"] - expected["cost"].sum()) < 1e-6
-    assert stored["units"] == expected["units"].sum()
-    # the physical table may hold re-delivered copies until merges run; FINAL never shows them
-    assert stored["physical"] >= stored["count"]
-
-
-CLI = [sys.executable, "-m", "tollgate.cli"]
-
-
-def spawned_workers(parent: int) -> list[int]:
-    """Ingest worker processes of ``parent`` (multiprocessing spawn children, not its resource tracker)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except (OSError, ValueError):
-            continue
-        if ppid == parent and b"spawn_main" in cmdline:
-            found.append(int(stat.parent.name))
-    return found
+from conftest import committed_total, wait_until
+from ingest_procs import CLI, assert_exactly_once, ingest_env, make_stream, spawned_workers, stored_totals
 
 
 def test_sigkilled_worker_counts_every_event_once(settings, producer, broker, org, tmp_path):
-    expected, total = make_stream(producer, settings, org, 40_000, resent=800)
+    """A 200k-event stream (2,000 of them sent twice), the `tollgate ingest` process SIGKILLed five times."""
+    expected, total = make_stream(producer, settings, org, 200_000, resent=2_000)
     rng = random.Random(7)  # when to kill
-    env = ingest_env(settings, broker, tmp_path)
+    env = ingest_env(settings, broker, tmp_path, batch_size=5_000)
     cli = CLI
     subprocess.run([*cli, "migrate"], env=env, check=True, capture_output=True)
     topic = settings.topic_gateway_logs

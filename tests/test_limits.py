@@ -62,8 +62,12 @@ def lapi(lsettings, warehouse, clock):
         yield client
 
 
-def new_job(lsettings, clock, org) -> LimitsJob:
-    return LimitsJob(lsettings, lsettings.kafka_bootstrap, clock=clock, organisations=[org])
+def new_job(lsettings, clock, org, budget_s: float = float("inf")) -> LimitsJob:
+    """A job whose refreshes count every policy (no budget for closed segments: a slow machine would otherwise
+    leave some for the next refresh; the budget has a test of its own)."""
+    job = LimitsJob(lsettings, lsettings.kafka_bootstrap, clock=clock, organisations=[org])
+    job.closed.budget_s = budget_s
+    return job
 
 
 def call(api, method, path, key, body=None, **params):
@@ -302,15 +306,20 @@ class Scenario:
         return expected
 
 
-def test_counters_follow_periods_resets_late_events_and_redelivery(lapi, lsettings, workers, warehouse, producer, make_key,
-                                                                    org, clock):
+def with_policies(lapi, lsettings, warehouse, producer, make_key, org, clock) -> tuple[str, Scenario, "Tail", "Tail"]:
+    """A key, the Scenario with POLICIES created at 2026-10-28 12:00, and tails of the alert and state topics."""
     key = make_key(org)
-    rng = random.Random(2026)
     s = Scenario(lapi, key, org, clock, lsettings, producer, warehouse)
     clock.set("2026-10-28T12:00:00")
     for name, body in POLICIES.items():
         s.create(name, "usage-limits", body)
-    alerts, states = Tail(lsettings.kafka_bootstrap, lsettings.topic_limit_alerts), Tail(lsettings.kafka_bootstrap, lsettings.topic_limits_state)
+    return key, s, Tail(lsettings.kafka_bootstrap, lsettings.topic_limit_alerts), Tail(lsettings.kafka_bootstrap, lsettings.topic_limits_state)
+
+
+def test_counters_follow_periods_resets_late_events_and_redelivery(lapi, lsettings, workers, warehouse, producer, make_key,
+                                                                    org, clock):
+    rng = random.Random(2026)
+    key, s, alerts, states = with_policies(lapi, lsettings, warehouse, producer, make_key, org, clock)
     expected_alerts: set[tuple] = set()
     job = new_job(lsettings, clock, org)
 
@@ -745,3 +754,96 @@ def _up(data_dir, port: int, **env):
     stack.lines, stack.ready, stack.url = [], threading.Event(), f"http://127.0.0.1:{port}"
     threading.Thread(target=stack._read, daemon=True).start()
     return stack
+
+
+# --------------------------------------------------------------------------- a cold start in steps
+
+
+def test_cold_start_counts_in_steps_and_holds_pending_policies(lapi, lsettings, workers, warehouse, producer, make_key,
+                                                               org, clock):
+    """With no stored segments, a refresh computes closed segments for its budget only (here: one query). A policy
+    with segments left is not counted yet: no counters, state records or alerts for it, and after that its last
+    ones stay as they were; once its segments are all there it equals the reference. Segments left after late
+    events are computed even by a restarted job (the parts snapshot has moved on by then)."""
+    rng = random.Random(99)
+    key, s, alerts, states = with_policies(lapi, lsettings, warehouse, producer, make_key, org, clock)
+    name_of = {pid: name for name, pid in s.ids.items()}
+    s.publish(stage(org, rng, 300, "2026-10-28T12:00:00", "2026-11-03T09:59:00"))
+    clock.set("2026-11-03T10:00:00")
+
+    def counted() -> dict[str, dict[str, float]]:
+        """The policies with counters (checked against the reference), by name."""
+        out = {}
+        for name, pid in s.ids.items():
+            got = entities(lapi, key, pid)
+            if got:
+                out[name] = s.check(name)
+        return out
+
+    def new_stepping_job() -> LimitsJob:
+        return new_job(lsettings, clock, org, budget_s=0.0)  # one query per refresh
+
+    job = new_stepping_job()
+    seen: list[set[str]] = []
+    alert_records, state_records = [], []
+    for _ in range(40):
+        report = job.run_once()
+        ready = set(counted())
+        assert len(ready) == len(POLICIES) - report.policies_pending
+        new_states, new_alerts = states.read(), alerts.read()
+        state_records += new_states
+        alert_records += new_alerts
+        # nothing is published for a policy that is not counted yet
+        assert {name_of[r.key.decode().split(":", 1)[0]] for r in new_states} <= ready
+        assert {name_of[orjson.loads(r.value)["policy_id"]] for r in new_alerts} <= ready
+        seen.append(ready)
+        if not report.policies_pending:
+            break
+    assert report.policies_pending == 0
+    assert len(seen) >= 4 and seen[0] == set() and seen[-1] == set(POLICIES)  # in steps, each policy once complete
+    assert all(a <= b for a, b in zip(seen, seen[1:]))
+    assert len({frozenset(x) for x in seen}) >= 3  # the policies were not all complete at the same refresh
+    before = counted()
+    assert any(v >= POLICIES[n]["credit_limit"] for n in POLICIES for v in before[n].values()), "some key must be exhausted"
+
+    # late events on closed days and hours: a refresh recomputes a part; the rest is held as it was
+    late = (stage(org, rng, 6, "2026-10-30T01:00:00", "2026-10-30T05:00:00")
+            + stage(org, rng, 6, "2026-11-01T14:00:00", "2026-11-01T16:00:00", env="prod")
+            + stage(org, rng, 6, "2026-11-02T05:00:00", "2026-11-02T05:59:00", env="prod"))
+    s.publish(late)
+    report = job.run_once()
+    assert report.closed_segments_computed >= 1 and report.closed_segments_left >= 1 and report.policies_pending >= 1
+    pending = set()
+    for name, pid in s.ids.items():
+        got = {k: e["current_usage"] for k, e in entities(lapi, key, pid).items() if e["current_usage"] != 0}
+        if got != pytest.approx(s.expected(name), abs=1e-6):
+            assert got == pytest.approx(before[name], abs=1e-6), name  # pending: as before the late events
+            pending.add(name)
+    assert len(pending) == report.policies_pending
+    new_states = states.read()
+    state_records += new_states
+    assert not {name_of[r.key.decode().split(":", 1)[0]] for r in new_states} & pending
+
+    # a restart now: the parts snapshot already covers the late events, the segments left are computed anyway; the
+    # scheduled run refreshes again at once while policies are held (here the interval leaves room for all of them)
+    job.close()
+    job = new_job(lsettings.model_copy(update={"limits_interval": 3600.0}), clock, org, budget_s=0.0)
+    job.run()
+    assert job.last is not None and job.last.policies_pending == 0
+    after = counted()
+    assert set(after) == set(POLICIES)
+    assert any(after[n] != pytest.approx(before[n]) for n in POLICIES)  # the late events count
+
+    # alerts once, none missing; the state feed holds exactly the exhausted keys
+    got = [orjson.loads(r.value) for r in alert_records + alerts.read()]
+    keys = [(a["policy_id"], a["value_key"], a["kind"]) for a in got]
+    assert len(keys) == len(set(keys))
+    wanted_alerts = {(s.ids[n], vk, kind) for n in POLICIES for vk, v in after[n].items()
+                     for kind, at in (("threshold", POLICIES[n].get("alert_threshold")), ("exhausted", POLICIES[n]["credit_limit"]))
+                     if at is not None and v >= at}
+    assert set(keys) == wanted_alerts
+    job.close()
+    live = {k: v for k, v in state_view(state_records + states.read()).items() if v is not None}
+    assert set(live) == {f"{s.ids[n]}:{vk}" for n in POLICIES for vk, v in after[n].items() if v >= POLICIES[n]["credit_limit"]}
+    for t in (alerts, states):
+        t.close()

@@ -7,7 +7,6 @@ import io
 import logging
 import random
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 
 import orjson

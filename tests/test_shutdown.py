@@ -7,13 +7,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import committed_total, wait_until
-from test_crash import CLI, assert_exactly_once, ingest_env, make_stream, spawned_workers, stored_totals
+from ingest_procs import CLI, assert_exactly_once, ingest_env, make_stream, spawned_workers, stored_totals
 from tollgate.broker import free_port
 
 
@@ -87,7 +86,7 @@ def test_past_the_grace_period_it_exits_anyway_and_nothing_is_lost(settings, pro
     finish_and_check(env, progress, total, org, expected)
 
 
-def test_api_and_limits_roles_stop_cleanly_on_sigterm(settings, broker, tmp_path):
+def test_api_and_scheduler_roles_stop_cleanly_on_sigterm(settings, broker, tmp_path):
     env, _ = prepare(settings, broker, tmp_path, 20, TOLLGATE_LIMITS_INTERVAL="0.5")
     port = free_port()
     api = subprocess.Popen([*CLI, "api", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -96,7 +95,7 @@ def test_api_and_limits_roles_stop_cleanly_on_sigterm(settings, broker, tmp_path
     api.send_signal(signal.SIGTERM)
     assert api.wait(20 + 10) == 0, api.stderr.read().decode()[-2000:]
 
-    limits = subprocess.Popen([*CLI, "limits"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert limits.stdout.readline().startswith(b"limits:")
-    limits.send_signal(signal.SIGTERM)
-    assert limits.wait(20 + 10) == 0, limits.stderr.read().decode()[-2000:]
+    scheduler = subprocess.Popen([*CLI, "scheduler"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert wait_until(lambda: b"holds the lease" in scheduler.stdout.readline(), timeout=60)
+    scheduler.send_signal(signal.SIGTERM)
+    assert scheduler.wait(20 + 10) == 0, scheduler.stderr.read().decode()[-2000:]

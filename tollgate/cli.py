@@ -32,7 +32,12 @@ def cmd_migrate(args) -> int:
     from warehouse.migrate import migrate
 
     s = _settings(args)
-    applied = migrate(connect(s.warehouse_dsn), s.retention_days, audit_retention_days=s.audit_retention_days)
+    if s.clickhouse_cluster and s.is_embedded_warehouse:
+        print("error: TOLLGATE_CLICKHOUSE_CLUSTER needs a ClickHouse server DSN, not the embedded warehouse",
+              file=sys.stderr)
+        return 2
+    applied = migrate(connect(s.warehouse_dsn), s.retention_days, audit_retention_days=s.audit_retention_days,
+                      cluster=s.clickhouse_cluster)
     print(f"{len(applied)} migration(s) applied" + (": " + ", ".join(applied) if applied else ""))
     return 0
 
@@ -60,10 +65,18 @@ def cmd_api(args) -> int:
     return run_api(s, args.host or s.api_host, args.port or s.api_port)
 
 
-def cmd_limits(args) -> int:
-    from tollgate.stack import run_limits
+def cmd_scheduler(args) -> int:
+    from tollgate.stack import run_scheduler
+    from warehouse.client import WarehouseUnavailable
 
-    return run_limits(_settings(args))
+    if args.command == "limits":
+        print("note: `tollgate limits` is now `tollgate scheduler` (the limits job, settle and export schedules, "
+              "under the scheduler lease)", file=sys.stderr)
+    try:
+        return run_scheduler(_settings(args))
+    except WarehouseUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_keys_create(args) -> int:
@@ -83,7 +96,7 @@ def cmd_keys_create(args) -> int:
     except WarehouseUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    migrate(client)
+    migrate(client, cluster=s.clickhouse_cluster)
     key = new_key()
     row = api_keys.insert(
         client, key_hash=hash_key(key), organisation_id=args.org, workspace_slug=args.workspace or "",
@@ -167,9 +180,13 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--data-dir")
     a.set_defaults(func=cmd_api)
 
-    lim = sub.add_parser("limits", help="run the limits job only (production role; one per warehouse)")
+    sc = sub.add_parser("scheduler", help="run the scheduled jobs while holding the scheduler lease (production role)")
+    sc.add_argument("--data-dir")
+    sc.set_defaults(func=cmd_scheduler)
+
+    lim = sub.add_parser("limits", help="an alias of `scheduler` (the limits job is one of its jobs)")
     lim.add_argument("--data-dir")
-    lim.set_defaults(func=cmd_limits)
+    lim.set_defaults(func=cmd_scheduler)
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
     kc = keys.add_parser("create", help="create an API key; the key is the last line of output")
@@ -207,7 +224,7 @@ def parser() -> argparse.ArgumentParser:
 # order themselves (drain, insert, commit, close); then the process ends without the
 # interpreter's teardown, in which chdb's exit-time shutdown has failed ("The
 # ShutdownTablesThreadPool is not initialized") and turned a clean stop into exit 1.
-SERVICE_COMMANDS = {"up", "ingest", "api", "limits"}
+SERVICE_COMMANDS = {"up", "ingest", "api", "scheduler", "limits"}
 
 
 def main(argv: list[str] | None = None) -> int:

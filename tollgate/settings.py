@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from warehouse.cluster import check_cluster_name
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TOLLGATE_", extra="ignore")
@@ -39,6 +41,9 @@ class Settings(BaseSettings):
     ingest_consumer_group: str = "tollgate-ingest"
     ingest_workers: int = Field(1, ge=1, description="Ingest worker processes; each runs one consumer per topic.")
     ingest_retry_max_seconds: float = Field(30.0, gt=0, description="Cap of the insert retry back-off.")
+    ingest_fault_file: Path | None = Field(
+        None, description="Fault injection: while this file exists every ingest insert fails (a warehouse outage drill)."
+    )
 
     # -- warehouse -----------------------------------------------------------
     retention_days: int = Field(365, ge=0, description="TTL of generations in days; 0 keeps rows forever.")
@@ -47,6 +52,18 @@ class Settings(BaseSettings):
         300.0, ge=0, description="How often `tollgate up` merges each ended day of generations into one part; 0 = never."
     )
     settle_max_days: int = Field(31, ge=1, description="Most days one settle pass merges (newest first).")
+    clickhouse_cluster: str | None = Field(
+        None, description="Cluster mode: `tollgate migrate` creates replicated local tables and Distributed tables "
+                          "ON CLUSTER this name (docs/deploy.md)."
+    )
+    scheduler_lease_seconds: float = Field(
+        30.0, ge=3, description="Time to live of the scheduler lease; the holder renews it every third of that."
+    )
+
+    @field_validator("clickhouse_cluster")
+    @classmethod
+    def _cluster(cls, value):
+        return check_cluster_name(value) if value else None
 
     # -- audit trail -------------------------------------------------------------
     trusted_proxies: Annotated[list[str], NoDecode] = Field(

@@ -23,24 +23,34 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from analytics_api.app import create_app
 from analytics_api.auth import SCOPES, hash_key, new_key
 from analytics_api.limits import job as limits
+from exports.jobs import recover_interrupted
 from ingest.producer import ensure_topics
 from ingest.processes import IngestProcesses
 from tollgate import monitoring
 from tollgate.broker import EmbeddedBroker
 from tollgate.settings import Settings
-from warehouse.client import connect
+from warehouse.client import connect, redact
+from warehouse.lease import Lease
 from warehouse.migrate import migrate
 from warehouse.settle import settle
 from warehouse.queries import api_keys
 
-def install_exports(settings: Settings, client, scheduler) -> None:
-    """Exports left in_progress by a previous run are failed (this process owns every runner), and
-    the export schedules are registered on the scheduler (rebuilt from ClickHouse; exports/schedules.py)."""
-    from exports.jobs import recover_interrupted
+
+def install_jobs(settings: Settings, bootstrap: str, scheduler) -> limits.LimitsJob:
+    """The scheduled jobs, of `tollgate up` and of the `tollgate scheduler` holding the lease: settle
+    (``TOLLGATE_SETTLE_INTERVAL_SECONDS``), the limits job (counters, alerts, the state feed: docs/limits.md)
+    and the export schedules (rebuilt from ClickHouse; exports/schedules.py). Returns the limits job (close
+    it after the scheduler's shutdown)."""
     from exports.schedules import ScheduleService
 
-    recover_interrupted(client, settings)
+    monitoring.watch_misfires(scheduler)
+    if settings.settle_interval_seconds:
+        scheduler.add_job(settle, "interval", seconds=settings.settle_interval_seconds,
+                          args=[connect(settings.warehouse_dsn)], kwargs={"max_days": settings.settle_max_days},
+                          id="settle", max_instances=1, coalesce=True, next_run_time=datetime.now(UTC))
+    job = limits.schedule(scheduler, settings, bootstrap)
     ScheduleService(settings).install(scheduler)
+    return job
 
 
 def say(message: str) -> None:
@@ -169,7 +179,8 @@ def up(settings: Settings, host: str, port: int, ingest_workers: int | None = No
         ensure_topics(bootstrap, list(settings.limit_topics), settings.topic_partitions, configs=settings.limit_topics)
 
         client = connect(settings.warehouse_dsn)
-        applied = migrate(client, settings.retention_days, audit_retention_days=settings.audit_retention_days)
+        applied = migrate(client, settings.retention_days, audit_retention_days=settings.audit_retention_days,
+                          cluster=settings.clickhouse_cluster)
         say(f"warehouse {settings.warehouse_dsn}: {len(applied)} migration(s) applied")
         admin_key = ensure_admin_key(settings, client)
 
@@ -178,18 +189,12 @@ def up(settings: Settings, host: str, port: int, ingest_workers: int | None = No
         cleanup.callback(workers.stop)  # runs before the broker stops: drain, insert, commit
         monitoring.serve(settings.metrics_host, settings.metrics_port)  # besides the API's /metrics, if asked for
 
+        recover_interrupted(client, settings)  # this process runs every export: one left in_progress was cut short
         scheduler = BackgroundScheduler(timezone="UTC")
-        monitoring.watch_misfires(scheduler)
-        if settings.settle_interval_seconds:
-            settle_client = connect(settings.warehouse_dsn)
-            scheduler.add_job(settle, "interval", seconds=settings.settle_interval_seconds, args=[settle_client],
-                              kwargs={"max_days": settings.settle_max_days}, id="settle", max_instances=1,
-                              coalesce=True, next_run_time=datetime.now(UTC))
+        limits_job = install_jobs(settings, bootstrap, scheduler)
         scheduler.start()
         cleanup.callback(scheduler.shutdown, wait=True)
-        limits_job = limits.schedule(scheduler, settings, bootstrap)  # counters, alerts, the state feed (docs/limits.md)
         cleanup.callback(limits_job.close)  # waits for a refresh in flight
-        install_exports(settings, client, scheduler)  # scheduled exports, and exports a crash left running
 
         api = ApiServer(create_app(settings, bootstrap), host, port, settings.shutdown_grace_seconds)
         api.start()
@@ -234,20 +239,36 @@ def run_ingest(settings: Settings, workers: int | None = None) -> int:
     return 0
 
 
-def run_limits(settings: Settings) -> int:
-    """Production role: the limits job alone (counters, alerts, the state feed); run one per warehouse."""
+def run_scheduler(settings: Settings) -> int:
+    """Production role: the scheduled jobs (settle, the limits job, export schedules) against a ClickHouse
+    server, run only while this process holds the scheduler lease (warehouse/lease.py), so starting two is
+    safe: one runs the jobs, the other waits to take over. Each tenure starts the jobs afresh from
+    ClickHouse; losing the lease stops them (a job in flight finishes) and goes back to waiting."""
     stop = StopSignal(settings.shutdown_grace_seconds)
     bootstrap = kafka_bootstrap(settings)
     ensure_topics(bootstrap, list(settings.limit_topics), settings.topic_partitions, configs=settings.limit_topics)
-    scheduler = BackgroundScheduler(timezone="UTC")
-    monitoring.watch_misfires(scheduler)
-    job = limits.schedule(scheduler, settings, bootstrap)
-    scheduler.start()
     monitoring.serve(settings.metrics_host, settings.metrics_port)
-    say(f"limits: a refresh every {settings.limits_interval:g} s, {settings.warehouse_dsn} → {bootstrap}")
-    stop.wait()
-    scheduler.shutdown(wait=True)
-    job.close()
+    lease = Lease(connect(settings.warehouse_dsn), ttl=settings.scheduler_lease_seconds)
+    every = lease.ttl / 3
+    say(f"scheduler {lease.holder}: {redact(settings.warehouse_dsn)}, waiting for the lease (ttl {lease.ttl:g} s)")
+    while not stop.event.is_set():
+        if not lease.acquire():
+            stop.event.wait(every)
+            continue
+        say(f"scheduler {lease.holder}: holds the lease, running the scheduled jobs")
+        scheduler = BackgroundScheduler(timezone="UTC")
+        job = install_jobs(settings, bootstrap, scheduler)
+        scheduler.start()
+        # renew every ttl/3; after a failed renewal, wake up no later than the lease runs out
+        while not stop.event.wait(min(every, lease.remaining())):
+            if not (lease.acquire() or lease.held()):
+                break
+        scheduler.shutdown(wait=True)
+        job.close()
+        if stop.event.is_set():
+            lease.release()
+        else:
+            say(f"scheduler {lease.holder}: lost the lease, jobs stopped; waiting to take it again")
     return 0
 
 

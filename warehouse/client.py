@@ -26,6 +26,12 @@ SESSION_SETTINGS: dict[str, Any] = {
     # generations has a partition per day (migration 0015): a batch of late or
     # backfilled events may span any number of days, and must never be refused for it.
     "max_partitions_per_insert_block": 0,
+    # Cluster mode (warehouse/cluster.py; no effect without Distributed tables): an insert
+    # into a Distributed table returns only once every shard stored its rows (ingest commits
+    # Kafka offsets after that), and an IN or JOIN over another Distributed table runs its
+    # subquery once, on the initiator, instead of being refused.
+    "distributed_foreground_insert": 1,
+    "distributed_product_mode": "global",
 }
 
 

@@ -109,8 +109,9 @@ def compile_where(f: Filters, scope: TenantScope) -> Where:
             having.append("sum(value * weight) / sum(weight) <= {wf_max:Float64}")
             params["wf_max"] = high
         parts.append(
-            "trace_id IN (SELECT trace_id FROM feedback FINAL WHERE organisation_id = {scope_org:String} "
-            f"GROUP BY trace_id HAVING {' AND '.join(having)})"
+            # trace_hash: feedback.trace_hash (0020), as in the feedback queries of warehouse/queries/analytics.py
+            "trace_hash IN (SELECT trace_hash FROM feedback FINAL WHERE organisation_id = {scope_org:String} "
+            f"GROUP BY trace_hash HAVING {' AND '.join(having)})"
         )
     return Where(" AND ".join(f"({p})" for p in parts), params)
 

@@ -6,6 +6,10 @@ migration instead of editing an old one). After the files, the retention TTLs ar
 set from settings (not files, so changing one needs no new migration): of
 ``generations`` from ``TOLLGATE_RETENTION_DAYS`` and of ``audit_logs`` from
 ``TOLLGATE_AUDIT_RETENTION_DAYS``.
+
+With ``cluster`` (``TOLLGATE_CLICKHOUSE_CLUSTER``) every statement, the ledger's included,
+is rewritten for that ClickHouse cluster first (``warehouse/cluster.py``): replicated
+local tables and Distributed tables, ``ON CLUSTER``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clickhouse_connect.driver.client import Client
+
+from warehouse.cluster import Layout, for_cluster
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 _FILE_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -73,9 +79,15 @@ def applied(client: Client) -> dict[int, tuple[str, str]]:
 
 
 def migrate(client: Client, retention_days: int | None = None, directory: Path = MIGRATIONS_DIR,
-            audit_retention_days: int | None = None) -> list[str]:
-    """Apply pending migrations; return the names applied now."""
-    client.command(LEDGER_DDL)
+            audit_retention_days: int | None = None, cluster: str | None = None) -> list[str]:
+    """Apply pending migrations (for ``cluster``, when given); return the names applied now."""
+    database = client.command("SELECT currentDatabase()") if cluster else ""
+
+    def run(statement: str) -> None:
+        for sql in for_cluster(statement, cluster, database) if cluster else [statement]:
+            client.command(sql)
+
+    run(LEDGER_DDL)
     done = applied(client)
     files = discover(directory)
     for m in files:
@@ -90,15 +102,16 @@ def migrate(client: Client, retention_days: int | None = None, directory: Path =
         if m.version in done:
             continue
         for statement in m.statements():
-            client.command(statement)
+            run(statement)
         client.insert(
             "schema_migrations", [[m.version, m.name, m.checksum]], column_names=["version", "name", "checksum"]
         )
         newly.append(m.path.name)
+    where = Layout(cluster)
     if retention_days is not None:
-        apply_retention(client, retention_days)
+        apply_retention(client, retention_days, layout=where)
     if audit_retention_days is not None:
-        apply_retention(client, audit_retention_days, table="audit_logs")
+        apply_retention(client, audit_retention_days, table="audit_logs", layout=where)
     return newly
 
 
@@ -106,22 +119,23 @@ def migrate(client: Client, retention_days: int | None = None, directory: Path =
 RETENTION_COLUMNS = {"generations": "created_at", "audit_logs": "timestamp"}
 
 
-def apply_retention(client: Client, days: int, table: str = "generations") -> None:
-    """Set (or remove, for 0) the row TTL of ``table`` without rewriting parts."""
+def apply_retention(client: Client, days: int, table: str = "generations", layout: Layout = Layout()) -> None:
+    """Set (or remove, for 0) the row TTL of ``table`` without rewriting parts (of its local tables in cluster mode)."""
     column = RETENTION_COLUMNS[table]
+    target = layout.local(table)
     ddl = client.command(
         "SELECT create_table_query FROM system.tables WHERE database = currentDatabase() AND name = {t:String}",
-        parameters={"t": table},
+        parameters={"t": target},
     )
     wanted = f"toIntervalDay({int(days)})"
     has_ttl = " TTL " in str(ddl)
     if days == 0:
         if has_ttl:
-            client.command(f"ALTER TABLE {table} REMOVE TTL")
+            client.command(f"ALTER TABLE {target}{layout.on_cluster} REMOVE TTL")
         return
     if has_ttl and wanted in str(ddl):
         return
     client.command(
-        f"ALTER TABLE {table} MODIFY TTL toDateTime({column}) + toIntervalDay({int(days)})",
+        f"ALTER TABLE {target}{layout.on_cluster} MODIFY TTL toDateTime({column}) + toIntervalDay({int(days)})",
         settings={"materialize_ttl_after_modify": 0},
     )

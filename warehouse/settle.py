@@ -9,7 +9,12 @@ duplicates. The table has a partition per UTC day (migration 0015); this job mer
 not yet a single merged part: new days, and old days that a late or redelivered event
 touched again. Reads are exact before, during and after a settle; only their cost
 changes. `tollgate up` runs it every ``TOLLGATE_SETTLE_INTERVAL_SECONDS``; `tollgate
-settle` runs one pass (for a cron next to a ClickHouse server).
+settle` runs one pass (for a cron next to a ClickHouse server); `tollgate scheduler` runs it
+while it holds the scheduler lease.
+
+Cluster mode (docs/deploy.md): the parts are those of ``generations_local`` on every
+replica (``clusterAllReplicas``); a day is settled when it is one merged part on each of
+them, and the OPTIMIZE runs ``ON CLUSTER`` on the local tables.
 """
 
 from __future__ import annotations
@@ -21,16 +26,24 @@ from datetime import UTC, date, datetime, timedelta
 
 from clickhouse_connect.driver.client import Client
 
+from warehouse.cluster import Layout, layout
+
 log = logging.getLogger(__name__)
 
 _DAY_ID = re.compile(r"^(\d{4})(\d{2})(\d{2})$")  # partition_id of a toDate() partition
 
-UNSETTLED_DAYS = """
-SELECT partition_id, count() AS parts, sum(rows) AS rows
-FROM system.parts
-WHERE database = currentDatabase() AND table = 'generations' AND active
+def unsettled_days_sql(where: Layout) -> str:
+    """Partitions of ``generations`` that are more than one part, or an unmerged one, on some replica."""
+    return f"""
+SELECT partition_id, max(parts) AS most_parts, max(rows) AS most_rows
+FROM (
+    SELECT hostName() AS host, partition_id, count() AS parts, sum(rows) AS rows, max(level) AS top_level
+    FROM {where.parts}
+    WHERE database = {{db:String}} AND table = {{t:String}} AND active
+    GROUP BY host, partition_id
+)
 GROUP BY partition_id
-HAVING parts > 1 OR max(level) = 0
+HAVING most_parts > 1 OR min(top_level) = 0
 ORDER BY partition_id DESC
 """
 
@@ -47,8 +60,10 @@ def unsettled(client: Client, now: datetime | None = None, grace: timedelta = ti
     """Days that ended at least ``grace`` before ``now`` and are not one merged part, newest first."""
     now = now or datetime.now(UTC)
     last_ended = (now - grace).date() - timedelta(days=1)
+    where = layout(client)
+    params = {"db": client.command("SELECT currentDatabase()"), "t": where.local("generations")}
     days = []
-    for partition_id, parts, rows in client.query(UNSETTLED_DAYS).result_rows:
+    for partition_id, parts, rows in client.query(unsettled_days_sql(where), parameters=params).result_rows:
         match = _DAY_ID.match(partition_id)
         if not match:
             continue  # not a day partition (never expected; never formatted into SQL)
@@ -62,9 +77,11 @@ def settle(client: Client, now: datetime | None = None, grace: timedelta = timed
            max_days: int | None = None) -> list[Day]:
     """Merge each unsettled ended day into one part (newest first, at most ``max_days``); return them."""
     done = []
+    where = layout(client)
     for day in unsettled(client, now, grace)[:max_days]:
         # The partition id comes from system.parts and matched _DAY_ID: digits only.
-        client.command(f"OPTIMIZE TABLE generations PARTITION ID '{day.partition_id}' FINAL")
+        client.command(f"OPTIMIZE TABLE {where.local('generations')}{where.on_cluster} "
+                       f"PARTITION ID '{day.partition_id}' FINAL")
         log.info("settled %s: %d parts, %d rows → 1 part", day.day, day.parts, day.rows)
         done.append(day)
     return done

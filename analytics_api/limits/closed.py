@@ -35,6 +35,13 @@ A segment is computed again (a new version) when:
   (another table identity, e.g. a migration's ``EXCHANGE TABLES``): every segment is
   recomputed.
 
+Budget: a refresh computes segments for ``BUDGET_S`` at most (one query at least), in queries of one day and one
+shape of policies at most, a shape's policies together and oldest first. A policy with segments left is *pending*:
+the job does not count it at that refresh (its counters, state records and alert decisions stay as they were) and
+its totals here stay as they were too. A pending segment that has a stored version gets a newer index row marked
+``STALE`` before the parts snapshot moves on, so it is computed later even though its new data is no longer "new"
+(and after a restart). A cold start (every segment missing) is so spread over a series of refreshes.
+
 Sums: the total of a policy's closed segments per value key is kept in memory and
 updated with the difference of the segments that changed (ClickHouse sums the segment
 rows with signs: a newly closed hour or day is added, a recomputed segment replaces its
@@ -73,10 +80,27 @@ HOUR_MS = 3_600_000
 DAYS_FROM_HOURS_AFTER_MS = 12 * HOUR_MS  # yesterday's hours give way to one day segment at 12:00 UTC
 SNAPSHOT = "generations_parts"
 TOTALS_SCHEMA = {"policy_id": pl.String, "value_key": pl.String, "usage": pl.Float64, "n": pl.Int64}
-SPAN_PER_QUERY_MS = 4 * DAY_MS  # segments computed together: at most this much time per query…
-SLOTS_PER_QUERY = 4_000  # …and this many (policy, segment) pairs (bounds the query's memory)
+SPAN_PER_QUERY_MS = DAY_MS  # segments computed together: at most this much time per query…
+SLOTS_PER_QUERY = 2_000  # …and this many (policy, segment) pairs (bounds the query's memory and duration)
+BUDGET_S = 0.5  # a refresh computes segments for this long at most (always one query), the rest at the next ones
+STALE = 0  # the cuts hash of a segment that must be computed again (a real one is a 64-bit digest)
 
 Segment = tuple[int, int]  # [start_ms, end_ms)
+
+
+def replica_of(p: Part) -> str:
+    """Whose block numbers a part's are: '' on one server; in cluster mode its replica's host
+    (``generation_parts`` names the partition ``host/partition_id``: each shard numbers its blocks)."""
+    return p.partition.rpartition("/")[0]
+
+
+def newest_blocks(parts: dict[str, Part]) -> dict[str, int]:
+    """The newest block number (or data version) of each replica's parts."""
+    high: dict[str, int] = {}
+    for p in parts.values():
+        r = replica_of(p)
+        high[r] = max(high.get(r, -1), p.max_block, p.data_version)
+    return high
 
 
 @dataclass
@@ -84,7 +108,7 @@ class PartsWatch:
     """The active parts of ``generations`` that the stored segments reflect."""
 
     parts: dict[str, Part] | None = None
-    high: int = -1  # the newest block number (or data version) among them
+    high: dict[str, int] = field(default_factory=dict)  # per replica_of(): the newest block number (or data version)
     table: str = ""  # generations_identity() when they were listed
 
     def dirty(self, current: dict[str, Part], table: str = "") -> list[tuple[int, int]] | None:
@@ -95,7 +119,7 @@ class PartsWatch:
         ranges = []
         for name, p in current.items():
             # an insert (level 0), or a part holding a block or mutation newer than any seen
-            if name not in self.parts and (p.level == 0 or max(p.max_block, p.data_version) > self.high):
+            if name not in self.parts and (p.level == 0 or max(p.max_block, p.data_version) > self.high.get(replica_of(p), -1)):
                 ranges.append((p.min_ms, p.max_ms))
         for name, p in self.parts.items():
             if name in current:
@@ -107,8 +131,9 @@ class PartsWatch:
 
     def advance(self, current: dict[str, Part], table: str = "") -> bool:
         """Take ``current`` as seen; True when that changed anything."""
-        newest = max((max(p.max_block, p.data_version) for p in current.values()), default=-1)
-        high = newest if table != self.table else max(self.high, newest)
+        newest = newest_blocks(current)
+        high = newest if table != self.table else {
+            r: max(self.high.get(r, -1), newest.get(r, -1)) for r in {*self.high, *newest}}
         changed = self.parts is None or set(self.parts) != set(current) or high != self.high or table != self.table
         self.parts, self.high, self.table = dict(current), high, table
         return changed
@@ -120,7 +145,9 @@ class PartsWatch:
     @classmethod
     def from_json(cls, text: str) -> "PartsWatch":
         data = orjson.loads(text)
-        return cls({n: Part(*v) for n, v in data["parts"].items()}, int(data["high"]), data.get("table", ""))
+        high = data["high"]  # an int before cluster mode: the one server's
+        high = {r: int(b) for r, b in high.items()} if isinstance(high, dict) else {"": int(high)}
+        return cls({n: Part(*v) for n, v in data["parts"].items()}, high, data.get("table", ""))
 
 
 class Dirty:
@@ -214,6 +241,8 @@ def split(p: PolicyWindow, now_ms: int) -> tuple[list[Segment], list[tuple[int, 
 @dataclass
 class Stats:
     segments_computed: int = 0
+    segments_left: int = 0  # not computed yet: over this refresh's budget
+    pending: set[str] = field(default_factory=set)  # policies with segments left (not counted at this refresh)
     days_derived: int = 0
     compute_seconds: float = 0.0
     sum_seconds: float = 0.0
@@ -225,6 +254,7 @@ class ClosedSegments:
     client: object
     organisations: list[str] | None = None  # the job's scope (None: every organisation)
     cleaner: Callable[[], object] | None = None  # makes a client for the cleanup thread (None: no cleanup)
+    budget_s: float = BUDGET_S  # computing segments stops after this long (after one query at least)
     index: dict[tuple[str, int, int], tuple[int, int]] = field(default_factory=dict)
     watch: PartsWatch = field(default_factory=PartsWatch)
     totals: pl.DataFrame = field(default_factory=lambda: empty(TOTALS_SCHEMA))
@@ -286,24 +316,30 @@ class ClosedSegments:
         todo = [] if unchanged else [k for k, (_, h) in needed.items()
                                      if self.index.get(k, (0, None))[1] != h or (dirty and dirty.touches(k[1], k[2]))]
         self._derived = {}
+        left: list[tuple[str, int, int]] = []
         if todo:
             t0 = time.perf_counter()
             by_id = {p.policy_id: p for p in policies}
             todo = self._derive(todo, by_id, dirty, now_ms)
-            self._compute(todo, needed, by_id, now_ms)
-            stats.segments_computed = len(todo)
+            left = self._compute(todo, needed, by_id, now_ms, deadline=t0 + self.budget_s)
+            self._invalidate(left, now_ms)  # before the parts snapshot moves on: their new data is not counted yet
+            stats.segments_computed, stats.segments_left = len(todo) - len(left), len(left)
+            stats.pending = {pid for pid, _, _ in left}
             stats.days_derived = len(self._derived)
             stats.compute_seconds = time.perf_counter() - t0
         if self.watch.advance(listing, table):
             q.put_job_state(self.client, self.snapshot_name, self.watch.to_json(), time.time_ns())
-        self._needed = needed
+        self._needed = None if left else needed  # segments left: the next refresh looks again
 
         t0 = time.perf_counter()
         if not unchanged:
-            self._sum(policies, needed)
+            self._sum(policies, needed, stats.pending)
         today = now_ms // DAY_MS
         if self.today != today:  # once a day (and after a start): drop superseded versions, segments no window needs
-            self._cleanup([(p, a, b, self.index[(p, a, b)][0]) for p, a, b in needed], time.time_ns())
+            keep = {(p, a, b, self.index[(p, a, b)][0]) for p, a, b in needed if (p, a, b) in self.index}
+            # and every version the in-memory totals hold (a pending policy's, until it is summed again)
+            keep |= {(p, a, b, v) for p, (_, want) in self.included.items() for (a, b), v in want.items()}
+            self._cleanup(sorted(keep), time.time_ns())
             self.today = today
         stats.sum_seconds = time.perf_counter() - t0
         return self.totals, live, stats
@@ -314,9 +350,9 @@ class ClosedSegments:
         return inside, (cuts_hash(seg[0], seg[1], inside) if inside else _plain_hash(seg[0], seg[1]))
 
     def _cleanup(self, keep: list[tuple[str, int, int, int]], cutoff: int) -> None:
-        """Delete segment rows that no longer count, on a thread with a client of its own (a mutation over every
+        """Delete segment rows that no longer count, on a thread with a client of its own (a delete over every
         stored segment takes seconds). Safe alongside refreshes: ``keep`` holds every version the in-memory totals
-        may still subtract, and rows computed later have versions ≥ ``cutoff``, which the mutation leaves alone."""
+        may still subtract, and rows computed later have versions ≥ ``cutoff``, which the delete leaves alone."""
         if self.cleaner is None or (self._cleaning is not None and self._cleaning.is_alive()):
             return
 
@@ -371,16 +407,34 @@ class ClosedSegments:
         q.insert_segment_index(self.client, rows, now_ms)
         return rest
 
-    def _compute(self, todo: list[tuple[str, int, int]], needed: dict, policies: dict[str, PolicyWindow], now_ms: int) -> None:
-        todo.sort(key=lambda k: k[1])
-        batch: list[tuple[str, int, int]] = []
+    def _compute(self, todo: list[tuple[str, int, int]], needed: dict, policies: dict[str, PolicyWindow], now_ms: int,
+                 deadline: float | None = None) -> list[tuple[str, int, int]]:
+        """Count ``todo`` in queries of bounded span and size; stop once ``deadline`` (perf_counter) passed, after
+        one query at least. Returns the segments left. Policies of one shape (the keys they read) come together,
+        oldest first: they are done at about the same time, and a refresh cut short leaves the fewest pending."""
+        todo.sort(key=lambda k: (policies[k[0]].slot.keys, k[1], k[0]))
+        batches: list[list[tuple[str, int, int]]] = []
         for k in todo:
-            if batch and (k[2] - batch[0][1] > SPAN_PER_QUERY_MS or len(batch) >= SLOTS_PER_QUERY):
-                self._compute_batch(batch, needed, policies, now_ms)
-                batch = []
-            batch.append(k)
-        if batch:
+            b = batches[-1] if batches else None
+            if b is None or k[1] < b[0][1] or k[2] - b[0][1] > SPAN_PER_QUERY_MS or len(b) >= SLOTS_PER_QUERY:
+                batches.append([k])
+            else:
+                b.append(k)
+        for i, batch in enumerate(batches):
+            if i and deadline is not None and time.perf_counter() >= deadline:
+                return [k for b in batches[i:] for k in b]
             self._compute_batch(batch, needed, policies, now_ms)
+        return []
+
+    def _invalidate(self, left: list[tuple[str, int, int]], now_ms: int) -> None:
+        """Segments left for a later refresh that have a stored version get a newer index row marked ``STALE``, so
+        that they are computed even after the parts snapshot has moved past their new data (or after a restart).
+        Their old rows stay: the in-memory totals of their policy still hold them."""
+        version = time.time_ns()
+        rows = [(pid, a, b, version, STALE) for pid, a, b in left if self.index.get((pid, a, b), (0, STALE))[1] != STALE]
+        q.insert_segment_index(self.client, rows, now_ms)
+        for pid, a, b, v, h in rows:
+            self.index[(pid, a, b)] = (v, h)
 
     def _compute_batch(self, batch: list[tuple[str, int, int]], needed: dict, policies: dict[str, PolicyWindow],
                        now_ms: int) -> None:
@@ -398,15 +452,22 @@ class ClosedSegments:
         for pid, a, b, v, h in index_rows:
             self.index[(pid, a, b)] = (v, h)
 
-    def _sum(self, policies: list[PolicyWindow], needed: dict) -> None:
+    def _sum(self, policies: list[PolicyWindow], needed: dict, pending: set[str]) -> None:
+        """Bring ``totals`` up to date for every policy but the ``pending`` ones (segments left), whose totals and
+        segment versions stay as they were until they are summed again."""
         desired: dict[str, dict[Segment, int]] = defaultdict(dict)
         for pid, a, b in needed:
-            desired[pid][(a, b)] = self.index[(pid, a, b)][0]
+            if pid not in pending:
+                desired[pid][(a, b)] = self.index[(pid, a, b)][0]
         entries: list[tuple[str, int, int, int, int]] = []
         recompute: set[str] = set()
         resets: list[tuple[str, str, int]] = []
         included: dict[str, tuple[tuple, dict[Segment, int]]] = {}
         for p in policies:
+            if p.policy_id in pending:
+                if p.policy_id in self.included:
+                    included[p.policy_id] = self.included[p.policy_id]
+                continue
             # a sliding window moves at every refresh: its hours come and go as differences
             sig = (RATE,) if p.kind == RATE else (p.window_start, p.window_end, tuple(sorted(p.resets)))
             want = desired.get(p.policy_id, {})

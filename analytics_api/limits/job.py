@@ -7,7 +7,9 @@ One refresh (:meth:`LimitsJob.run_once`):
    cuts changed are recomputed) are brought up to date and their per-value-key sums
    taken; one aggregate query counts what they leave: the current hour of every
    usage-limits window and the partial hours at the edges of every sliding window
-   (``warehouse.queries.limits``).
+   (``warehouse.queries.limits``). Segments are computed for a time budget per refresh;
+   a policy with segments left is held: not counted at this refresh, its counters, state
+   records and alert decisions stay as they were.
 2. **Evaluate** (Polars, ``counters``): usage per value key, statuses, the alerts that
    became due, the enforcement records.
 3. **Persist, then publish.** Alerts: the decision is written to ``limit_alerts``
@@ -78,6 +80,8 @@ class Report:
     policies: int = 0
     value_keys: int = 0
     closed_segments_computed: int = 0  # counted from generations
+    closed_segments_left: int = 0  # over this refresh's budget: counted at the next ones
+    policies_pending: int = 0  # not counted at this refresh (closed segments left): held as they were
     closed_days_derived: int = 0  # written as the sum of their hours
     dirty: bool = False
     alerts_decided: int = 0
@@ -140,17 +144,21 @@ class LimitsJob:
     # ----------------------------------------------------------------------------- one refresh
 
     def run(self) -> None:
-        """The scheduler's entry point: a refresh that never raises."""
-        if self._closed:
-            return
-        started, status = time.perf_counter(), "ok"
-        try:
-            self.run_once()
-        except Exception:
-            status = "error"
-            log.exception("limits refresh failed; the next one starts over")
-        finally:
-            monitoring.LIMITS_REFRESH_SECONDS.labels(status).observe(time.perf_counter() - started)
+        """The scheduler's entry point: a refresh that never raises. While policies wait for closed segments (after
+        a cold start, say), it refreshes again at once as long as that fits in the interval."""
+        until = time.monotonic() + self.settings.limits_interval
+        while not self._closed:
+            started, status = time.perf_counter(), "ok"
+            try:
+                report = self.run_once()
+            except Exception:
+                status = "error"
+                log.exception("limits refresh failed; the next one starts over")
+                return
+            finally:
+                monitoring.LIMITS_REFRESH_SECONDS.labels(status).observe(time.perf_counter() - started)
+            if not report.policies_pending or time.monotonic() + report.seconds > until:
+                return
 
     def run_once(self, now: datetime | None = None) -> Report:
         with self._lock:
@@ -181,11 +189,19 @@ class LimitsJob:
                 [PolicyWindow(p.id, p.kind, policy_slot(p, 0, None), *windows[p.id], resets.get(p.id, [])) for p in policies],
                 now_ms)
             report.closed_segments_computed, report.dirty = stats.segments_computed, stats.dirty
+            report.closed_segments_left, report.policies_pending = stats.segments_left, len(stats.pending)
             report.closed_days_derived = stats.days_derived
             report.timings["closed_compute"] = stats.compute_seconds
             report.timings["closed_sum"] = stats.sum_seconds
             t.lap("closed_segments")
 
+            # a policy with closed segments left is not counted at this refresh: its counters, state records and
+            # alert decisions stay as they were (docs/limits.md, "A refresh")
+            pending = stats.pending
+            if pending:
+                frame = frame.filter(~pl.col("policy_id").is_in(list(pending)))
+                closed = closed.filter(~pl.col("policy_id").is_in(list(pending)))
+                live_ranges = {pid: r for pid, r in live_ranges.items() if pid not in pending}
             live = self._live(by_id, live_ranges, resets)
             t.lap("live_query")
 
@@ -205,7 +221,7 @@ class LimitsJob:
                 log.warning("limits job: alerts not delivered yet (%s); retrying at the next refresh", exc)
             t.lap("alerts_publish")
 
-            report.state_records = self._update_state(ev.keys, by_id, now_ms)
+            report.state_records = self._update_state(ev.keys, by_id, now_ms, pending)
             t.lap("state_persist")
             try:
                 self._deliver_state()
@@ -216,7 +232,8 @@ class LimitsJob:
             report.counters_written = self._write_counters(c.apply_flags(ev.keys, self.alerts), now_ms)
             # decisions of earlier alert windows can never match again (windows only move forward)
             current = ev.keys.filter(pl.col("alert_window").is_not_null()).select(*c.KEY, "alert_window")
-            self.alerts = self.alerts.join(current, on=[*c.KEY, "alert_window"], how="semi")
+            self.alerts = pl.concat([self.alerts.join(current, on=[*c.KEY, "alert_window"], how="semi"),
+                                     self.alerts.filter(pl.col("policy_id").is_in(list(pending)))])
             t.lap("counters_write")
             report.timings["total"] = time.perf_counter() - t_start
             self.last = report
@@ -304,12 +321,14 @@ class LimitsJob:
 
     # ----------------------------------------------------------------------------- state feed
 
-    def _update_state(self, keys: pl.DataFrame, by_id: dict[str, PolicyRow], now_ms: int) -> int:
-        """Persist a record for every limited key whose state changed, and a tombstone for every key that cleared."""
+    def _update_state(self, keys: pl.DataFrame, by_id: dict[str, PolicyRow], now_ms: int, pending: set[str]) -> int:
+        """Persist a record for every limited key whose state changed, and a tombstone for every key that cleared.
+        The records of ``pending`` policies (not counted at this refresh) stay as they are."""
         limited = keys.filter(pl.col("status").is_in(LIMITED)).with_columns(
             signature=pl.concat_str([pl.col(s).cast(pl.String).fill_null("") for s in SIGNATURE], separator="|"))
+        held = self.state_sig.filter(pl.col("policy_id").is_in(list(pending)))
         changed = limited.join(self.state_sig, on=[*c.KEY, "signature"], how="anti")
-        cleared = self.state_sig.join(limited, on=c.KEY, how="anti")
+        cleared = self.state_sig.join(limited, on=c.KEY, how="anti").join(held, on=c.KEY, how="anti")
         if changed.is_empty() and cleared.is_empty():
             return 0
         version = time.time_ns()
@@ -325,7 +344,7 @@ class LimitsJob:
         q.write_state(self.client, rows)
         for r in rows:
             self.unpublished[(r["policy_id"], r["value_key"])] = r
-        self.state_sig = limited.select(list(STATE_SIG))
+        self.state_sig = pl.concat([limited.select(list(STATE_SIG)), held])
         return len(rows)
 
     def _deliver_state(self) -> int:

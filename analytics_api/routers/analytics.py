@@ -132,9 +132,8 @@ def group_metadata(metadataKey: str, request: Request, aq: AnalyticsQuery = Depe
     fields = list(groups.METADATA_FIELDS)
     page = _page(request, fields, "metadata_value", "requests")
     with request.app.state.warehouse.borrow() as client:
-        table = q.grouped(client, aq.where, "metadata", ["requests", "cost", "tokens", "last_seen"], metadata_key=metadataKey)
-        feedback = q.feedback_grouped(client, aq.where, "metadata", metadata_key=metadataKey)
-    rows, _ = groups.merge(table, feedback)
+        table = q.grouped_with_feedback(client, aq.where, "metadata", ["requests", "cost", "tokens", "last_seen"], metadata_key=metadataKey)
+    rows, _ = groups.merge(table, None)
     return groups.respond(rows, "metadata_value", groups.METADATA_FIELDS, page)
 
 
@@ -145,9 +144,14 @@ def _columns_group(request: Request, aq: AnalyticsQuery, group: str, key_name: s
         raise invalid("columns", f"unknown column(s) {', '.join(unknown)}; valid: {', '.join(groups.COLUMNS)}", request.query_params.get("columns"))
     page = _page(request, columns, key_name, "requests" if "requests" in columns else columns[0])
     include_total = _include_total(request)
+    measures = groups.measures_for(columns)
+    wants_feedback = any(groups.COLUMNS[c].feedback for c in columns)
     with request.app.state.warehouse.borrow() as client:
-        table = q.grouped(client, aq.where, group, groups.measures_for(columns))
-        feedback = q.feedback_grouped(client, aq.where, group) if any(groups.COLUMNS[c].feedback for c in columns) else None
+        if wants_feedback and not include_total and all(m in q.PER_TRACE_COMBINE for m in measures):
+            table, feedback = q.grouped_with_feedback(client, aq.where, group, measures), None  # one scan
+        else:
+            table = q.grouped(client, aq.where, group, measures)
+            feedback = q.feedback_grouped(client, aq.where, group) if wants_feedback else None
     rows, total = groups.merge(table, feedback)
     fields = {c: groups.COLUMNS[c].expr for c in columns}
     return groups.respond(rows, key_name, fields, page, summary=total if include_total else None)

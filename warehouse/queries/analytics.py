@@ -45,6 +45,16 @@ MEASURES: dict[str, str] = {
     "last_seen": "max(created_at)",
 }
 
+# How the partial values of a measure, computed per (group, trace), combine into the
+# group's value. Only these measures can be computed in the one-scan
+# :func:`grouped_with_feedback`; the others (distinct users, percentiles, maps) are not
+# decomposable by trace.
+PER_TRACE_COMBINE: dict[str, str] = {
+    "requests": "sum", "cost": "sum", "tokens": "sum", "prompt_tokens": "sum", "completion_tokens": "sum",
+    "latency_sum": "sum", "errors": "sum", "simple_hits": "sum", "semantic_hits": "sum",
+    "last_seen": "max",
+}
+
 # group_by name → key expression over generations.
 GROUP_KEYS: dict[str, str] = {
     "ai_service": "ai_org",
@@ -132,50 +142,59 @@ def grouped(client: Client, where: Where, group: str, measures: list[str], metad
     return client.query_arrow(sql, parameters=params, settings=FINAL_SETTINGS)
 
 
-# Only traces that have feedback can join it: a cheap set lookup spares grouping
-# every trace of the window. (Any version of a feedback id has its trace id, so no FINAL.)
-# The set holds 64-bit hashes, probed against the materialized `trace_hash` (0008):
-# cheaper than reading and comparing strings; a collision only lets an extra trace
-# through to the exact join on trace_id.
-TRACES_WITH_FEEDBACK = "SELECT cityHash64(trace_id) FROM feedback WHERE organisation_id = {scope_org:String} AND trace_id != ''"
+# Feedback joins its trace's requests on the 64-bit hash of trace_id, materialized in
+# both tables (`generations.trace_hash`, 0008; `feedback.trace_hash`, 0020): grouping
+# and joining 8-byte integers instead of strings, and the generations side never reads
+# trace_id. Two different trace ids of one organisation sharing a hash would be taken
+# for one trace (about one chance in 10^19 per pair; docs/analytics.md).
+#
+# Only traces that have feedback can join it: a cheap set lookup spares grouping every
+# trace of the window. Any version of a feedback id has its trace, so no FINAL here.
+# Feedback trace ids are never empty (docs/events.md), so the set holds no request
+# without a trace.
+TRACES_WITH_FEEDBACK = "SELECT trace_hash FROM feedback WHERE organisation_id = {scope_org:String}"
 
 
-# What a query may need of a trace's requests. `model` (of the first request; ties:
-# smallest id) reads `id` for every matched row, so only the per-model graph asks for it.
+# What a query may need of a trace's requests: when it started, and the model of its
+# first request (requests that started at the same millisecond: the smallest model name;
+# breaking the tie by the smaller id instead read every matched row's id string, which
+# cost the per-model graph about a fifth of its time).
 TRACE_ATTRIBUTES = {
     "first_at": "min(created_at)",
-    "model": "argMin(ai_model, (created_at, id))",
+    "model": "argMin(ai_model, (created_at, ai_model))",
 }
 
 
 def _traces(where: Where, extra_key: str | None = None, attributes: tuple[str, ...] = ()) -> str:
-    """The traces of the selected generations that have feedback, with their number of
-    requests and the asked ``attributes`` (names of TRACE_ATTRIBUTES).
+    """The traces (``trace_hash``) of the selected generations that have feedback, with
+    their number of requests and the asked ``attributes`` (names of TRACE_ATTRIBUTES).
 
     With ``extra_key``, one row per (trace, key) plus one row per trace with a NULL
     key, so that an outer ``GROUP BY key`` also yields the whole selection's row in
     which each trace counts once.
     """
     key = f", {extra_key} AS key" if extra_key else ""
-    group = "GROUPING SETS ((trace_id, key), (trace_id))" if extra_key else "trace_id"
+    group = "GROUPING SETS ((trace_hash, key), (trace_hash))" if extra_key else "trace_hash"
     extra = "".join(f", {TRACE_ATTRIBUTES[a]} AS {a}" for a in attributes)
     return (
-        f"SELECT trace_id{key}{extra}, count() AS requests "
-        f"FROM generations FINAL WHERE {where.sql} AND trace_hash IN ({TRACES_WITH_FEEDBACK}) AND trace_id != '' GROUP BY {group}"
+        f"SELECT trace_hash{key}{extra}, count() AS requests "
+        f"FROM generations FINAL WHERE {where.sql} AND trace_hash IN ({TRACES_WITH_FEEDBACK}) GROUP BY {group}"
     )
 
 
+# The latest version of each feedback of the organisation.
 FEEDBACK = (
-    "SELECT trace_id, value, weight FROM feedback FINAL WHERE organisation_id = {scope_org:String}"
+    "SELECT trace_hash, value, weight FROM feedback FINAL WHERE organisation_id = {scope_org:String}"
 )
 FEEDBACK_MEASURES = "count() AS feedbacks, sum(value * weight) AS weighted_sum, sum(weight) AS weight_sum"
+ON_TRACE = "f.trace_hash = t.trace_hash"
 
 
 def feedback_series(client: Client, where: Where, granularity: str, tz_offset: int) -> pa.Table:
     """Feedback per bucket of its trace's first request, plus the total row."""
     sql = (
         f"SELECT {bucket_sql('t.first_at', granularity)} AS bucket, {FEEDBACK_MEASURES} "
-        f"FROM ({FEEDBACK}) AS f INNER JOIN ({_traces(where, attributes=('first_at',))}) AS t ON f.trace_id = t.trace_id "
+        f"FROM ({FEEDBACK}) AS f INNER JOIN ({_traces(where, attributes=('first_at',))}) AS t ON {ON_TRACE} "
         "GROUP BY GROUPING SETS ((bucket), ())"
     )
     return client.query_arrow(sql, parameters={**where.params, "tz_offset": tz_offset}, settings=FINAL_SETTINGS)
@@ -187,7 +206,7 @@ def feedback_by(client: Client, where: Where, by: str) -> pa.Table:
     attributes = ("model",) if by == "model" else ()
     sql = (
         f"SELECT {key} AS key, {FEEDBACK_MEASURES} "
-        f"FROM ({FEEDBACK}) AS f INNER JOIN ({_traces(where, attributes=attributes)}) AS t ON f.trace_id = t.trace_id "
+        f"FROM ({FEEDBACK}) AS f INNER JOIN ({_traces(where, attributes=attributes)}) AS t ON {ON_TRACE} "
         "GROUP BY GROUPING SETS ((key), ())"
     )
     return client.query_arrow(sql, parameters=where.params, settings=FINAL_SETTINGS)
@@ -199,11 +218,39 @@ def feedback_grouped(client: Client, where: Where, group: str, metadata_key: str
     params = dict(where.params)
     condition = where.sql
     group, condition = _group_condition(group, condition, params, metadata_key)
-    per_trace = f"SELECT trace_id, {FEEDBACK_MEASURES} FROM ({FEEDBACK}) GROUP BY trace_id"
+    per_trace = f"SELECT trace_hash, {FEEDBACK_MEASURES} FROM ({FEEDBACK}) GROUP BY trace_hash"
     sql = (
-        "SELECT t.key AS key, sum(t.requests) AS requests_with_feedback, sum(p.feedbacks) AS feedbacks, "
-        "sum(p.weighted_sum) AS weighted_sum, sum(p.weight_sum) AS weight_sum "
+        "SELECT t.key AS key, sum(t.requests) AS requests_with_feedback, sum(f.feedbacks) AS feedbacks, "
+        "sum(f.weighted_sum) AS weighted_sum, sum(f.weight_sum) AS weight_sum "
         f"FROM ({_traces(Where(condition, params), GROUP_KEYS[group])}) AS t "
-        f"INNER JOIN ({per_trace}) AS p ON t.trace_id = p.trace_id GROUP BY key"
+        f"INNER JOIN ({per_trace}) AS f ON {ON_TRACE} GROUP BY key"
+    )
+    return client.query_arrow(sql, parameters=params, settings=FINAL_SETTINGS)
+
+
+def grouped_with_feedback(client: Client, where: Where, group: str, measures: list[str], metadata_key: str | None = None) -> pa.Table:
+    """One row per group (no total row): the ``measures`` (all in PER_TRACE_COMBINE) and
+    the feedback columns of :func:`feedback_grouped`, in ONE scan of generations.
+
+    The scan groups by (key, trace hash if the trace has feedback, else 0): the rows of
+    a key without feedback collapse into one, each trace with feedback keeps its own, to
+    join its feedback once. The group's measures are the combination of its rows. There
+    is no total row: a trace in two groups would count twice in it.
+    """
+    unknown = [m for m in measures if m not in PER_TRACE_COMBINE]
+    if unknown:
+        raise ValueError(f"not computable per trace: {unknown}")
+    params = dict(where.params)
+    group, condition = _group_condition(group, where.sql, params, metadata_key)
+    scan = (
+        f"SELECT {GROUP_KEYS[group]} AS key, if(trace_hash IN ({TRACES_WITH_FEEDBACK}), trace_hash, 0) AS th, "
+        f"{_select(measures)} FROM generations FINAL WHERE {condition} GROUP BY key, th"
+    )
+    combined = ", ".join(f"{PER_TRACE_COMBINE[m]}(t.{m}) AS {m}" for m in measures)
+    per_trace = f"SELECT trace_hash, {FEEDBACK_MEASURES} FROM ({FEEDBACK}) GROUP BY trace_hash"
+    sql = (
+        f"SELECT t.key AS key, {combined}, sumIf(t.requests, t.th != 0) AS requests_with_feedback, "
+        "sum(f.feedbacks) AS feedbacks, sum(f.weighted_sum) AS weighted_sum, sum(f.weight_sum) AS weight_sum "
+        f"FROM ({per_trace}) AS f RIGHT JOIN ({scan}) AS t ON f.trace_hash = t.th GROUP BY t.key"
     )
     return client.query_arrow(sql, parameters=params, settings=FINAL_SETTINGS)

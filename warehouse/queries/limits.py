@@ -37,6 +37,8 @@ from typing import Any, Iterable
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 
+from warehouse.cluster import layout
+
 # Condition and group_by keys → their expression over `generations` (metadata keys: see _dimension).
 DIMENSIONS: dict[str, str] = {
     "api_key": "CAST(api_key_id AS String)",
@@ -327,11 +329,12 @@ class Part:
 
 
 def generations_identity(client: Client) -> str:
-    """What identifies the storage of ``generations``: its UUID, or (no UUID, as in chdb) its data paths.
-    A rebuild (``EXCHANGE TABLES``, a drop and create) changes it; block numbers then start again."""
+    """What identifies the storage of ``generations`` (its local tables in cluster mode): its UUID, or (no
+    UUID, as in chdb) its data paths. A rebuild (``EXCHANGE TABLES``, a drop and create) changes it; block
+    numbers then start again."""
     rows = client.query(
         "SELECT toString(uuid), arrayStringConcat(data_paths, ',') FROM system.tables "
-        "WHERE database = currentDatabase() AND name = 'generations'"
+        "WHERE database = currentDatabase() AND name = {t:String}", parameters={"t": layout(client).local("generations")}
     ).result_rows
     if not rows:
         return ""
@@ -340,14 +343,20 @@ def generations_identity(client: Client) -> str:
 
 
 def generation_parts(client: Client) -> dict[str, Part]:
-    """The active parts of ``generations`` (by ``name@modification time``): what closed segments are computed from."""
+    """The active parts of ``generations`` (by ``name@modification time``): what closed segments are computed from.
+    In cluster mode those of ``generations_local`` on every replica, name and partition prefixed by its host
+    (each shard numbers its blocks itself)."""
+    where = layout(client)
+    host = "concat(hostName(), '/')" if where.cluster else "''"
     rows = client.query(
-        "SELECT name, partition_id, min_block_number, max_block_number, data_version, "
+        f"SELECT {host} AS host, name, partition_id, min_block_number, max_block_number, data_version, "
         "toUnixTimestamp(min_time), toUnixTimestamp(max_time), level, toUnixTimestamp(modification_time) "
-        "FROM system.parts WHERE database = currentDatabase() AND table = 'generations' AND active"
+        f"FROM {where.parts} WHERE database = {{db:String}} AND table = {{t:String}} AND active",
+        parameters={"db": client.command("SELECT currentDatabase()"), "t": where.local("generations")},
     ).result_rows
-    return {f"{name}@{int(at)}": Part(part, int(lo), int(hi), int(dv), int(t0) * 1000, (int(t1) + 1) * 1000, int(lv), int(at))
-            for name, part, lo, hi, dv, t0, t1, lv, at in rows}
+    return {f"{h}{name}@{int(at)}": Part(h + part, int(lo), int(hi), int(dv), int(t0) * 1000, (int(t1) + 1) * 1000,
+                                         int(lv), int(at))
+            for h, name, part, lo, hi, dv, t0, t1, lv, at in rows}
 
 
 # --------------------------------------------------------------------------- closed segments
@@ -369,17 +378,38 @@ def insert_segment_usage(client: Client, slots: list[Slot], resets: list[Reset],
     )
 
 
+def _rows(prefix: str, columns: dict[str, tuple[str, list]], params: dict[str, Any]) -> str:
+    """A subquery with one row per element of ``columns`` (name → (ClickHouse type, values), all of one length),
+    bound as one parameter per column: numbers as one comma-separated String (a long array literal takes
+    ClickHouse far longer to parse), strings as their distinct values plus each row's position among them."""
+    arrays = []
+    for i, (type_, values) in enumerate(columns.values()):
+        key = f"{prefix}{i}"
+        if type_ == "String":
+            pos: dict[str, int] = {}
+            params[key] = ",".join(str(pos.setdefault(v, len(pos) + 1)) for v in values)
+            params[f"{key}_d"] = list(pos)
+            arrays.append(f"arrayMap(x -> {{{key}_d:Array(String)}}[toUInt32(x)], splitByChar(',', {{{key}:String}}))")
+        else:
+            params[key] = ",".join(map(str, values))
+            arrays.append(f"arrayMap(x -> to{type_}(x), splitByChar(',', {{{key}:String}}))")
+    names = list(columns)
+    return ("SELECT " + ", ".join(f"tupleElement(t, {j + 1}) AS {n}" for j, n in enumerate(names))
+            + f" FROM (SELECT arrayJoin(arrayZip({', '.join(arrays)})) AS t)")
+
+
 def insert_segment_index(client: Client, rows: list[tuple[str, int, int, int, int]], computed_at_ms: int) -> None:
     """Index rows ``(policy_id, start_ms, end_ms, version, cuts_hash)``."""
     if not rows:
         return
+    params: dict[str, Any] = {"at": computed_at_ms}
+    types = {"p": "String", "a": "Int64", "b": "Int64", "v": "UInt64", "h": "UInt64"}
+    listed = _rows("r", {n: (t, [r[i] for r in rows]) for i, (n, t) in enumerate(types.items())}, params)
     client.command(
         "INSERT INTO limit_segments (policy_id, start, end, version, cuts_hash, computed_at) "
-        "SELECT tupleElement(t, 1), fromUnixTimestamp64Milli(tupleElement(t, 2), 'UTC'), "
-        "fromUnixTimestamp64Milli(tupleElement(t, 3), 'UTC'), tupleElement(t, 4), tupleElement(t, 5), "
-        "fromUnixTimestamp64Milli({at:Int64}, 'UTC') "
-        "FROM (SELECT arrayJoin({rows:Array(Tuple(String, Int64, Int64, UInt64, UInt64))}) AS t)",
-        parameters={"rows": rows, "at": computed_at_ms},
+        "SELECT p, fromUnixTimestamp64Milli(a, 'UTC'), fromUnixTimestamp64Milli(b, 'UTC'), v, h, "
+        f"fromUnixTimestamp64Milli({{at:Int64}}, 'UTC') FROM ({listed})",
+        parameters=params,
     )
 
 
@@ -392,7 +422,15 @@ def load_segment_index(client: Client) -> dict[tuple[str, int, int], tuple[int, 
     return {(p, int(a), int(b)): (int(v), int(h)) for p, a, b, v, h in rows}
 
 
-_ENTRIES = "Array(Tuple(String, Int64, Int64, UInt64))"
+def _segments_sql(prefix: str, segments: list[tuple], params: dict[str, Any], sign: bool = False) -> str:
+    """A subquery of segment versions ``(policy_id, start_ms, end_ms, version[, sign])``: policy_id, start, end,
+    version (and sign, ±1)."""
+    columns = {"policy_id": ("String", [x[0] for x in segments]), "a": ("Int64", [x[1] for x in segments]),
+               "b": ("Int64", [x[2] for x in segments]), "version": ("UInt64", [x[3] for x in segments])}
+    if sign:
+        columns["sign"] = ("Int8", [1 if x[4] > 0 else -1 for x in segments])
+    return ("SELECT policy_id, fromUnixTimestamp64Milli(a, 'UTC') AS start, fromUnixTimestamp64Milli(b, 'UTC') AS end, "
+            f"version{', sign' if sign else ''} FROM ({_rows(prefix, columns, params)})")
 
 
 def segment_sums(client: Client, entries: list[tuple[str, int, int, int, int]], resets: list[tuple[str, str, int]]) -> pa.Table:
@@ -404,9 +442,8 @@ def segment_sums(client: Client, entries: list[tuple[str, int, int, int, int]], 
     if not entries:
         return pa.table({"policy_id": pa.array([], pa.string()), "value_key": pa.array([], pa.string()),
                          "usage": pa.array([], pa.float64()), "n": pa.array([], pa.int64())})
-    listed = ("SELECT tupleElement(t, 1) AS policy_id, fromUnixTimestamp64Milli(tupleElement(t, 2), 'UTC') AS start, "
-              "fromUnixTimestamp64Milli(tupleElement(t, 3), 'UTC') AS end, tupleElement(t, 4) AS version, "
-              "tupleElement(t, 5) AS sign FROM (SELECT arrayJoin({entries:Array(Tuple(String, Int64, Int64, UInt64, Int8))}) AS t)")
+    params: dict[str, Any] = {"rk": [f"{p}:{v}" for p, v, _ in resets], "rat": [a for _, _, a in resets]}
+    listed = _segments_sql("e", entries, params, sign=True)
     # the IN reads only the listed segments (primary key); the join (a hash table) brings each one's sign
     return client.query_arrow(
         "SELECT u.policy_id AS policy_id, u.value_key AS value_key, sum(e.sign * u.usage) AS usage, "
@@ -418,8 +455,7 @@ def segment_sums(client: Client, entries: list[tuple[str, int, int, int, int]], 
         "WHERE toUnixTimestamp64Milli(u.end) > transform(concat(u.policy_id, ':', u.value_key), {rk:Array(String)}, "
         "{rat:Array(Int64)}, toInt64(-1)) "
         "GROUP BY policy_id, value_key",
-        parameters={"entries": [(p, a, b, v, 1 if s > 0 else -1) for p, a, b, v, s in entries],
-                    "rk": [f"{p}:{v}" for p, v, _ in resets], "rat": [a for _, _, a in resets]},
+        parameters=params,
     )
 
 
@@ -427,20 +463,24 @@ def delete_stale_segments(client: Client, keep: list[tuple[str, int, int, int]],
                           organisations: list[str] | None = None) -> None:
     """Drop segment rows (of policies of ``organisations``, or of all) older than version ``cutoff`` that are not
     a current version in ``keep`` ``(policy_id, start_ms, end_ms, version)``: superseded versions, segments
-    outside every window, archived policies. A mutation (waited for: the job runs it on a thread of its own).
+    outside every window, archived policies. A lightweight delete (waited for: the job runs it on a thread of its own).
     Rows of a version ≥ ``cutoff`` (computed after ``keep`` was taken) are never touched."""
     scope = "version < {cutoff:UInt64} AND " + ("" if organisations is None else (
         "policy_id IN (SELECT id FROM limit_policies WHERE organisation_id IN {orgs:Array(String)}) AND "))
-    params: dict[str, Any] = {"keep": keep, "cutoff": cutoff}
+    params: dict[str, Any] = {"cutoff": cutoff}
     if organisations is not None:
         params["orgs"] = organisations
-    kept = ("(SELECT tupleElement(t, 1), fromUnixTimestamp64Milli(tupleElement(t, 2), 'UTC'), "
-            "fromUnixTimestamp64Milli(tupleElement(t, 3), 'UTC')VERSION "
-            f"FROM (SELECT arrayJoin({{keep:{_ENTRIES}}}) AS t))")
-    client.command(f"ALTER TABLE limit_segment_usage DELETE WHERE {scope}(policy_id, start, end, version) NOT IN "
-                   + kept.replace("VERSION", ", tupleElement(t, 4)"), parameters=params, settings={"mutations_sync": 1})
-    client.command(f"ALTER TABLE limit_segments DELETE WHERE {scope}(policy_id, start, end) NOT IN "
-                   + kept.replace("VERSION", ""), parameters=params, settings={"mutations_sync": 1})
+    kept = _segments_sql("k", keep, params) if keep else None
+    # cluster mode: the delete runs on the local tables ON CLUSTER; its subquery reads the Distributed
+    # limit_policies, which ClickHouse calls nondeterministic for a replicated table (policies only grow).
+    layout_ = layout(client)
+    settings = {"mutations_sync": 1, **({"allow_nondeterministic_mutations": 1} if layout_.cluster else {})}
+    for table, columns in (("limit_segment_usage", "policy_id, start, end, version"), ("limit_segments", "policy_id, start, end")):
+        where = f"{scope}({columns}) NOT IN (SELECT {columns} FROM ({kept}))" if kept else scope.removesuffix(" AND ")
+        # a lightweight delete only masks the rows (a mutation would rewrite every part of the table: seconds of
+        # CPU next to the refreshes); merges drop them later
+        client.command(f"DELETE FROM {layout_.local(table)}{layout_.on_cluster} WHERE {where}",
+                       parameters=params, settings=settings)
 
 
 # --------------------------------------------------------------------------- job state

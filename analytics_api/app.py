@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from analytics_api import audit
+from analytics_api import audit, observe, openapi
 from analytics_api.auth import KeyVerifier
 from analytics_api.publish import Publisher
 from analytics_api.routers import analytics, api_keys, custom_logs, feedback, health, logs
@@ -44,4 +44,6 @@ def create_app(settings: Settings, bootstrap: str | None = None, pool_size: int 
     app.include_router(audit_logs.router, prefix="/v1")
     app.include_router(policies.router, prefix="/v1")
     audit.install(app, settings)  # every mutating request leaves an audit record (analytics_api/audit.py)
+    openapi.install(app)  # error answers and Portkey's response bodies declared (analytics_api/openapi.py)
+    observe.install(app)  # request ids, access log, latency metric, GET /metrics (outermost: times the audit too)
     return app

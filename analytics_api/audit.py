@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from analytics_api.auth import HEADER, Principal
 from analytics_api.geoip import CountryLookup, country_lookup
+from analytics_api.observe import REQUEST_ID_SCOPE_KEY
 from tollgate.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,11 @@ class AuditMiddleware:
             return
         state = scope["app"].state
         body, receive = await _buffer_body(receive)
-        request_id = str(uuid.uuid4())
+        # The request's id (analytics_api/observe.py, which echoes it) when the server made it; a client's own
+        # x-request-id is not unique enough to key an audit record, so that request's record gets its own.
+        request_id, ours = scope.get(REQUEST_ID_SCOPE_KEY, (None, False))
+        if not ours:
+            request_id = str(uuid.uuid4())
         scope.setdefault("state", {})["request_id"] = request_id
         record = await run_in_threadpool(self._record, scope, body, request_id, state)
         try:
@@ -211,7 +216,7 @@ class AuditMiddleware:
         except HTTPException:
             response = JSONResponse(
                 {"detail": "the audit trail (Kafka) is unavailable, so the request was not carried out; retry later"},
-                status_code=503, headers={"x-request-id": request_id},
+                status_code=503,
             )
             await response(scope, receive, send)
             return
@@ -229,7 +234,6 @@ class AuditMiddleware:
 
         async def send_audited(message: Message) -> None:
             if message["type"] == "http.response.start" and not finished:
-                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
                 await finish(message["status"])
             await send(message)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import orjson
 from fastapi import Depends, Request
@@ -87,7 +87,21 @@ def parse_time(name: str, raw: str | None) -> datetime:
         raise invalid(name, "needs a UTC offset (…Z or …+05:30)", raw)
     if value.utcoffset().total_seconds() % 60:
         raise invalid(name, "the UTC offset must be whole minutes", raw)
+    if not in_warehouse_range(value):
+        raise invalid(name, TIME_RANGE_MESSAGE, raw)
     return value
+
+
+# ClickHouse's DateTime64 holds 1900-01-01 … 2299-12-31; a day's margin keeps time-zone bucket edges inside.
+TIME_MIN = datetime(1900, 1, 2, tzinfo=UTC)
+TIME_MAX = datetime(2299, 12, 30, tzinfo=UTC)
+TIME_RANGE_MESSAGE = "must be between 1900-01-02 and 2299-12-30 (UTC)"
+
+
+def in_warehouse_range(value: datetime) -> bool:
+    """Whether an aware date-time can be a ClickHouse DateTime64 (compared without converting: a year-1
+    date-time with a positive offset cannot even be converted to UTC)."""
+    return TIME_MIN <= value <= TIME_MAX
 
 
 def parse_number(name: str, raw: str, integer: bool, low: float | None, high: float | None) -> float:

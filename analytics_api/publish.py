@@ -51,6 +51,15 @@ class Publisher:
             log.warning("publishing to %s failed: %s", topic, exc)
             raise HTTPException(503, f"the event log (Kafka) is unavailable, nothing was accepted; retry later ({type(exc).__name__})") from exc
 
+    def metadata_error(self, topic: str) -> str | None:
+        """None when the producer has (or gets, within its timeout) the partitions of ``topic``; else why not."""
+        try:
+            if not self._get().partitions_for(topic):
+                return f"no partitions known for {topic}"
+            return None
+        except (KafkaError, TimeoutError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+
     def close(self) -> None:
         """Flush and close; at shutdown a broker that is gone is not an error worth raising."""
         if self._producer is not None:

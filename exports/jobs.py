@@ -35,6 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from analytics_api import params as analytics_params
 from exports.destinations import destination
 from exports.writers import MANIFEST, PartWriter, manifest, write_manifest
+from tollgate import monitoring
 from tollgate.settings import Settings
 from warehouse.client import ClientPool
 from warehouse.queries import exports as q
@@ -250,8 +251,12 @@ class ExportRunner:
             return fn(client, *args)
 
     def _run_safely(self, job_id: str) -> None:
+        started = time.monotonic()
         try:
             self.run(job_id)
+            job = self._control(q.get_job_by_id, job_id)
+            if job is not None and job.finished_at is not None:
+                record_export("on_demand", job.status, time.monotonic() - started, job.rows_written)
         except Exception:
             log.exception("export %s: the runner failed", job_id)
         finally:
@@ -327,6 +332,12 @@ class ExportRunner:
 
     def _write(self, row: q.JobRow) -> q.JobRow:
         return self._control(q.write_job, row)
+
+
+def record_export(kind: str, status: str, seconds: float, rows: int) -> None:
+    monitoring.EXPORT_SECONDS.labels(kind, status).observe(seconds)
+    if status == "success":
+        monitoring.EXPORT_ROWS.labels(kind).inc(rows)
 
 
 def prefetch(stream: q.Stream, cancel: threading.Event):

@@ -49,8 +49,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import orjson
 from apscheduler.triggers.cron import CronTrigger
 
+from analytics_api.params import TIME_RANGE_MESSAGE, in_warehouse_range
 from exports.destinations import Destination, destination
-from exports.jobs import invalid, iso, parse_filters
+from exports.jobs import invalid, iso, parse_filters, record_export
 from exports.writers import MANIFEST, PartWriter, manifest, write_manifest
 from tollgate.settings import Settings
 from warehouse.client import ClientPool
@@ -108,6 +109,8 @@ def parse_time(name: str, raw: Any) -> datetime:
         raise invalid(name, "not an ISO 8601 date-time") from None
     if value.tzinfo is None:
         raise invalid(name, "needs a UTC offset (…Z or …+05:30)")
+    if not in_warehouse_range(value):
+        raise invalid(name, TIME_RANGE_MESSAGE)
     return value.astimezone(UTC)
 
 
@@ -328,6 +331,7 @@ class ScheduleService:
             return q.write_run(client, row)
 
     def _run_window_now(self, schedule: q.ScheduleRow, fire: datetime, cause: str, attempts: int) -> q.RunRow:
+        started = time.monotonic()
         start, end = window_of(fire, schedule.window_kind, ZoneInfo(schedule.timezone))
         run = self._write_run(q.RunRow(schedule.id, schedule.organisation_id, start, end, fire, "running", cause,
                                            attempts, 0, "[]", "", datetime.now(UTC), None, _version()))
@@ -345,6 +349,7 @@ class ScheduleService:
         finally:
             if data is not None:
                 data.close()
+        record_export("scheduled", done.status, time.monotonic() - started, done.row_count)
         return self._write_run(done)
 
     def request_backfill(self, client, schedule: q.ScheduleRow, start: datetime, end: datetime,

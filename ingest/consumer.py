@@ -23,6 +23,7 @@ from kafka.errors import CommitFailedError, KafkaError
 from ingest.dead_letter import DeadLetterQueue
 from ingest.events import Codec
 from ingest.pipeline import Batch, MessageRejected, build_pipeline
+from tollgate import monitoring as m
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +73,15 @@ class IngestConsumer:
         self._rewind: set[TopicPartition] = set()  # assigned partitions to start at the committed offset
         self.pause_after_seconds = 5.0
         self.stats = {"consumed": 0, "inserted": 0, "dead_lettered": 0, "batches": 0, "commits": 0}
+        self._committed: dict[TopicPartition, int] = {}  # next offset, per partition, as last committed (or found)
+        self._lag_at = 0.0
         config = {**CONSUMER_DEFAULTS, **(consumer_overrides or {})}
         self.consumer = KafkaConsumer(
             bootstrap_servers=bootstrap.split(","), group_id=group_id, client_id=self.name, **config
         )
         self.pipeline = build_pipeline(
             codec,
-            write,
+            self._timed(write),
             dead_letters,
             self._commit,
             batch_size=batch_size,
@@ -98,6 +101,7 @@ class IngestConsumer:
         try:
             self.consumer.commit(owned)
             self.stats["commits"] += 1
+            self._committed.update({tp: meta.offset for tp, meta in owned.items()})
         except (CommitFailedError, KafkaError) as exc:  # lost the partitions meanwhile: re-delivered, collapsed
             log.warning("%s: commit failed, the batch will be re-delivered: %s", self.name, exc)
 
@@ -105,6 +109,53 @@ class IngestConsumer:
         self.stats["inserted"] += len(batch.rows)
         self.stats["dead_lettered"] += len(batch.dead_letters)
         self.stats["batches"] += 1
+        m.INGEST_EVENTS.labels(self.topic).inc(len(batch.rows))
+        m.INGEST_DEAD_LETTERS.labels(self.topic).inc(len(batch.dead_letters))
+        m.INGEST_BATCH_SIZE.labels(self.topic).observe(len(batch))
+
+    def _timed(self, write: Callable) -> Callable:
+        """``write`` (one insert attempt, on the insert thread), timed and its failures counted."""
+        seconds, errors = m.INGEST_INSERT_SECONDS.labels(self.topic), m.INGEST_INSERT_ERRORS.labels(self.topic)
+
+        def timed(codec, rows) -> None:
+            started = time.monotonic()
+            try:
+                write(codec, rows)
+            except Exception:
+                errors.inc()
+                raise
+            finally:
+                seconds.observe(time.monotonic() - started)
+
+        return timed
+
+    def _update_lag(self) -> None:
+        """Consumer lag per partition: high watermark of the last fetch − committed offset (once a second)."""
+        now = time.monotonic()
+        if now - self._lag_at < 1.0:
+            return
+        self._lag_at = now
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            if high is None:
+                continue
+            if tp not in self._committed:  # nothing committed by us yet: the group's offset, else the log's start
+                try:
+                    start = self.consumer.committed(tp, timeout_ms=1000)
+                    if start is None:
+                        start = self.consumer.beginning_offsets([tp], timeout_ms=1000)[tp]
+                except KafkaError:  # the broker did not answer; the next measurement tries again
+                    continue
+                self._committed[tp] = start
+            m.INGEST_CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, high - self._committed[tp]))
+
+    def _forget_lag(self, partitions) -> None:
+        for tp in partitions:
+            self._committed.pop(tp, None)
+            try:
+                m.INGEST_CONSUMER_LAG.remove(tp.topic, str(tp.partition))
+            except KeyError:
+                pass
 
     # -- rebalance ---------------------------------------------------------------
     def _on_revoked(self, revoked) -> None:
@@ -114,6 +165,7 @@ class IngestConsumer:
         self.pipeline.join(self.rebalance_drain_seconds)
         self._batcher.abandon()  # anything not yet committed is re-delivered to the next owner
         gone = {(tp.topic, tp.partition) for tp in revoked}
+        self._forget_lag(revoked)
         self._pending = deque(m for m in self._pending if (m.topic, m.partition) not in gone)
 
     def _on_assigned(self, assigned) -> None:
@@ -154,6 +206,7 @@ class IngestConsumer:
                 self._step()
             self.pipeline.join(None)  # drain: flush the open batch, insert, commit
         finally:
+            self._forget_lag(list(self._committed))
             self.pipeline.close()
             self.consumer.close(autocommit=False)
             log.info("%s: stopped after %s", self.name, self.stats)
@@ -181,6 +234,7 @@ class IngestConsumer:
         self._take(self._poll(timeout_ms=100))
         self._drain_pending()
         self.pipeline.poll()
+        self._update_lag()
 
     def _take(self, records: dict) -> None:
         for batch in records.values():

@@ -17,12 +17,14 @@ import ctypes
 import gc
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
 from pathlib import Path
 
 from ingest.sink import DirectSink, RemoteSink, SinkServer
+from tollgate import logs, monitoring
 from tollgate.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,14 +53,32 @@ def quiet_gc() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
-def worker_main(settings_json: str, bootstrap: str, index: int, conn, log_level: int) -> None:
+def report_metrics(conn, stop: threading.Event, every: float = 1.0) -> threading.Thread:
+    """In a worker process: send this process's metrics to the parent every ``every`` seconds."""
+
+    def loop() -> None:
+        try:
+            while not stop.wait(every):
+                conn.send(monitoring.snapshot())
+        except (OSError, ValueError):  # the parent is gone
+            pass
+
+    thread = threading.Thread(target=loop, name="metrics-report", daemon=True)
+    thread.start()
+    return thread
+
+
+def worker_main(settings_json: str, bootstrap: str, index: int, conn, log_level: int, metrics_conn=None) -> None:
     """Entry point of a worker process."""
     _die_with_parent()
-    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s worker-{index}[%(process)d] %(name)s: %(message)s")
     stop = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     settings = Settings.model_validate_json(settings_json)
+    logs.configure(log_level, settings.log_format, process=f"ingest-worker-{index}[{os.getpid()}]")
+    done = threading.Event()
+    if metrics_conn is not None:
+        report_metrics(metrics_conn, done)
     from ingest.workers import IngestWorkers
 
     if conn is not None:
@@ -71,7 +91,19 @@ def worker_main(settings_json: str, bootstrap: str, index: int, conn, log_level:
     workers.start()
     while not stop.wait(0.5):
         pass
-    workers.stop()
+    drained = workers.stop(settings.shutdown_grace_seconds)
+    done.set()
+    if metrics_conn is not None:
+        try:
+            metrics_conn.send(monitoring.snapshot())  # the last figures: this process ends now
+        except OSError:
+            pass
+        metrics_conn.close()
+    if not drained:
+        log.error("ingest worker %d: not drained within the grace period of %gs; exiting, its uncommitted "
+                  "events will be re-delivered", index, settings.shutdown_grace_seconds)
+        logging.shutdown()
+        os._exit(1)
 
 
 class IngestProcesses:
@@ -91,6 +123,9 @@ class IngestProcesses:
         self.restarts = 0
         self._monitor = threading.Thread(target=self._supervise, name="ingest-supervisor", daemon=True)
         self._started = threading.Event()
+        self.metrics = monitoring.WorkerMetrics()
+        self.drained = True  # False once a worker did not stop cleanly within the grace period
+        self._serial = 0
 
     def _spawn(self, index: int):
         conn = None
@@ -98,15 +133,20 @@ class IngestProcesses:
             spool_dir(self.settings).mkdir(parents=True, exist_ok=True)
             parent_end, conn = self._ctx.Pipe()
             SinkServer(self.settings.warehouse_dsn, parent_end, f"worker-{index}", self.settings.ingest_fault_file).start()
+        metrics_in, metrics_out = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(
             target=worker_main,
-            args=(self._settings_json, self.bootstrap, index, conn, logging.getLogger().level),
+            args=(self._settings_json, self.bootstrap, index, conn, logging.getLogger().level, metrics_out),
             name=f"tollgate-ingest-{index}",
             daemon=False,
         )
         proc.start()
         if conn is not None:
             conn.close()  # the child holds its end; EOF reaches the sink server when it exits
+        metrics_out.close()
+        self._serial += 1
+        threading.Thread(target=self.metrics.receive, args=(self._serial, metrics_in), name=f"metrics-{index}",
+                         daemon=True).start()
         return proc
 
     def _supervise(self) -> None:
@@ -124,9 +164,9 @@ class IngestProcesses:
                     delay = min(delay * 2, 30)
                     self.restarts += 1
                     self._procs[i] = self._spawn(i)
-        self._terminate()
+        self._terminate(self.settings.shutdown_grace_seconds)
 
-    def _terminate(self, timeout: float = 60.0) -> None:
+    def _terminate(self, timeout: float) -> None:
         for proc in self._procs:
             if proc is not None and proc.exitcode is None:
                 proc.terminate()  # SIGTERM: drain, insert, commit
@@ -136,18 +176,24 @@ class IngestProcesses:
                 continue
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.exitcode is None:
-                log.error("ingest worker %s did not drain in %.0fs; killing it", proc.name, timeout)
+                log.error("ingest worker %s did not drain in %gs; killing it (its uncommitted events will be "
+                          "re-delivered)", proc.name, timeout)
                 proc.kill()
                 proc.join(5)
+            if proc.exitcode != 0:
+                self.drained = False
 
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs if p is not None]
 
     def start(self) -> None:
+        monitoring.add_source(self.metrics.families)
         self._monitor.start()
         self._started.wait(60)
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """SIGTERM the workers, wait for them to drain (insert, commit) within the grace period; False if one did not."""
         self._stop.set()
-        self._monitor.join(90)
+        self._monitor.join(self.settings.shutdown_grace_seconds + 10)
+        return self.drained and not self._monitor.is_alive()

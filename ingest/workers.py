@@ -10,7 +10,10 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from typing import Callable
+
+from kafka.errors import KafkaError
 
 from ingest.consumer import IngestConsumer
 from ingest.dead_letter import DeadLetterQueue
@@ -108,13 +111,20 @@ class IngestWorkers:
         for unit in self.units:
             unit.thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Drain every consumer (insert, commit) for up to ``timeout`` seconds in all; False if one did not finish
+        (its uncommitted events are re-delivered to whoever consumes its partitions next)."""
+        deadline = time.monotonic() + timeout
         for unit in self.units:
             unit.stop()
         for unit in self.units:
-            unit.thread.join(timeout)
-        self.producer.flush(timeout)
-        self.producer.close(timeout)
+            unit.thread.join(max(0.0, deadline - time.monotonic()))
+        try:  # dead letters were flushed with their batches; this only bounds the close
+            self.producer.flush(max(0.0, deadline - time.monotonic()))
+            self.producer.close(max(0.0, deadline - time.monotonic()))
+        except KafkaError as exc:
+            log.warning("closing the dead-letter producer: %s", exc)
+        return not any(unit.thread.is_alive() for unit in self.units)
 
     def stats(self) -> dict[str, dict[str, int]]:
         return {c.name: dict(c.stats) for c in self.consumers}

@@ -86,16 +86,33 @@ def spawned_workers(parent: int) -> list[int]:
     return found
 
 
-_ASSIGNED = re.compile(r"worker-\d+\[(\d+)\] ingest\.consumer: (\S+)-\d+: partitions assigned \[(.*)\]")
-_STOPPED = re.compile(r"worker-\d+\[(\d+)\] ingest\.consumer: (\S+)-\d+: stopped after (\{.*\})")
+_WORKER = re.compile(r"^ingest-worker-\d+\[(\d+)\]$")
+_ASSIGNED = re.compile(r"^(\S+)-\d+: partitions assigned \[(.*)\]$")
+_STOPPED = re.compile(r"^(\S+)-\d+: stopped after (\{.*\})$")
+
+
+def consumer_lines(log_text: str, pattern: re.Pattern) -> list[tuple]:
+    """(worker pid, *groups of ``pattern``) of each ingest.consumer line of a JSON log (docs/operations.md)
+    whose message matches."""
+    found = []
+    for line in log_text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        worker = _WORKER.match(str(record.get("process", "")))
+        match = pattern.match(record.get("message", "")) if record.get("logger") == "ingest.consumer" else None
+        if worker and match:
+            found.append((int(worker.group(1)), *match.groups()))
+    return found
 
 
 def assignments(log_text: str, topic: str) -> list[tuple[int, set[int]]]:
     """(worker pid, partitions) of every assignment of ``topic`` an ingest log at INFO shows, in order."""
     found = []
-    for pid, t, parts in _ASSIGNED.findall(log_text):
+    for pid, t, parts in consumer_lines(log_text, _ASSIGNED):
         if t == topic:
-            found.append((int(pid), {int(p) for name, p in re.findall(r"\('([^']*)', (\d+)\)", parts) if name == topic}))
+            found.append((pid, {int(p) for name, p in re.findall(r"\('([^']*)', (\d+)\)", parts) if name == topic}))
     return found
 
 
@@ -112,4 +129,4 @@ def final_stats(log_text: str, topic: str) -> dict[int, dict]:
     """The counters each worker's consumer of ``topic`` logged when it stopped (by pid)."""
     import ast
 
-    return {int(pid): ast.literal_eval(stats) for pid, t, stats in _STOPPED.findall(log_text) if t == topic}
+    return {pid: ast.literal_eval(stats) for pid, t, stats in consumer_lines(log_text, _STOPPED) if t == topic}

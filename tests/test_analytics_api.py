@@ -126,6 +126,11 @@ def test_injection_in_filters_gives_empty_results(api, loaded, warehouse, value)
         ({"ai_org_model": "openai-gpt-4o"}, "ai_org_model"),
         ({"granularity": "fortnight"}, "granularity"),
         ({"granularity": "minute", "time_of_generation_min": "2026-10-01T00:00:00Z"}, "granularity"),  # > 2,000 buckets
+        # outside ClickHouse's DateTime64 (found by tests/test_fuzz.py: a 500 from the warehouse before)
+        ({"time_of_generation_min": "0999-01-01T00:00:00Z", "time_of_generation_max": "0999-01-02T00:00:00Z"},
+         "time_of_generation_min"),
+        ({"time_of_generation_min": "2026-11-20T00:00:00Z", "time_of_generation_max": "2300-01-01T00:00:00+05:00"},
+         "time_of_generation_max"),
     ],
 )
 def test_malformed_values_are_422_naming_the_parameter(api, make_key, org, params, name):
@@ -133,6 +138,14 @@ def test_malformed_values_are_422_naming_the_parameter(api, make_key, org, param
     assert r.status_code == 422, r.text
     detail = r.json()["detail"]
     assert any(name in e["loc"] and name in e["msg"] for e in detail), detail
+
+
+def test_a_window_before_1900_is_422_on_the_metadata_group(api, make_key, org):
+    """Regression (tests/test_fuzz.py): the metadata group sent a year-999 bound to ClickHouse, which failed: a 500."""
+    r = get(api, make_key(org), "groups/metadata/env", time_of_generation_min="0999-01-01T00:00:00Z",
+            time_of_generation_max="0999-01-01T00:00:00Z")
+    assert r.status_code == 422, r.text
+    assert any("time_of_generation_min" in e["loc"] for e in r.json()["detail"])
 
 
 @pytest.mark.parametrize("params, name", [

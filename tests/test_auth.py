@@ -180,11 +180,13 @@ def test_workspace_key_is_confined_to_its_workspace(client, tenants, make_key):
         assert secret not in r3.text, secret
 
 
-def test_health(client):
+def test_health_and_readiness_need_no_key(client):
     r = client.get("/v1/health")
     assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["clickhouse"] == "ok" and body["kafka"] == "ok" and body["status"] == "ok"
+    assert r.json() == {"status": "ok"}
+    r = client.get("/v1/ready")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"status": "ready", "clickhouse": "ok", "kafka": "ok"}
 
 
 # --------------------------------------------------------------------------- `tollgate keys create`

@@ -256,6 +256,8 @@ def test_schedule_api_validation_lifecycle_and_audit(hours, settings, tmp_path, 
             ({**base, "filters": {"time_of_generation_min": "2026-11-20T00:00:00Z"}}, "filters.time_of_generation_min"),
             ({**base, "filters": {"cost_min": -1}}, "filters.cost_min"),
             ({**base, "start_at": "yesterday"}, "start_at"),
+            ({**base, "start_at": "0999-01-01T00:00:00Z"}, "start_at"),  # outside DateTime64 (found by test_fuzz)
+            ({**base, "start_at": "0001-01-01T00:00:00+05:00"}, "start_at"),  # could not even become UTC
             ({**base, "every": 5}, "every"),
         ):
             r = api.post("/v1/logs/exports/schedules", json=body, headers=h(key))

@@ -12,6 +12,7 @@ from analytics_api.auth import SCOPES
 
 OPEN = {
     ("get", "/v1/health"),
+    ("get", "/v1/ready"),  # readiness, for orchestrators (docs/operations.md)
     # A file of a local export, reached by the signed URL GET /v1/logs/exports/{id}/download hands out:
     # the URL's HMAC signature and expiry are the credential (tested in test_exports.py: 403 when
     # tampered with or expired), so a browser or curl can fetch it without the API key.

@@ -67,7 +67,8 @@ def test_up_seed_read_stop(tmp_path):
     log_id = seeded.stdout.split("last log id: ")[1].split()[0]
 
     with httpx.Client(base_url=stack.url, headers={"x-portkey-api-key": key}, timeout=10) as http:
-        assert http.get("/v1/health").json() == {"status": "ok", "clickhouse": "ok", "kafka": "ok"}
+        assert http.get("/v1/health").json() == {"status": "ok"}
+        assert http.get("/v1/ready").json() == {"status": "ready", "clickhouse": "ok", "kafka": "ok"}
         deadline = time.monotonic() + 60
         while (r := http.get(f"/v1/logs/{log_id}")).status_code == 404 and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -76,6 +77,12 @@ def test_up_seed_read_stop(tmp_path):
         assert body["_id"] == log_id and body["organisation_id"] == "default-org"
         assert body["metrics"]["workspace_slug"] == "default"
         assert http.get("/docs").status_code == 200
+        # /metrics (no key) adds up what the ingest worker processes stored: the 400 seeded gateway logs
+        events = 'tollgate_ingest_events_total{topic="tollgate.gateway-logs"} 400.0'
+        deadline = time.monotonic() + 30
+        while events not in (metrics := httpx.get(f"{stack.url}/metrics").text) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert events in metrics, [line for line in metrics.splitlines() if "ingest_events" in line]
         assert "/v1/logs/{logId}" in http.get("/openapi.json").json()["paths"]
 
     # the embedded warehouse is held by the running stack: keys create says so, without a traceback

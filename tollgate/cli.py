@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tollgate.logs import configure as configure_logs
 from tollgate.settings import Settings
 
 
@@ -228,7 +229,7 @@ SERVICE_COMMANDS = {"up", "ingest", "api", "scheduler", "limits"}
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logs(args.log_level, Settings().log_format)
     code = args.func(args)
     if args.command in SERVICE_COMMANDS:
         logging.shutdown()

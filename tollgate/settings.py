@@ -100,6 +100,16 @@ class Settings(BaseSettings):
     )
     feedback_max_items: int = Field(1_000, ge=1, description="Most feedback items one POST /v1/feedback takes; more is a 413.")
 
+    # -- operations (docs/operations.md) ------------------------------------------
+    log_format: Literal["json", "text"] = Field("json", description="Log lines as JSON objects, or plain text.")
+    metrics_host: str = Field("127.0.0.1", description="Address of the metrics server of roles without an API.")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Port of the metrics server (/metrics) of `tollgate ingest` and `limits`; unset = none."
+    )
+    shutdown_grace_seconds: float = Field(
+        30.0, gt=0, description="After SIGTERM a role finishes its batch and commits within this; then it exits anyway (code 1)."
+    )
+
     # -- exports (docs/exports.md) ---------------------------------------------------
     export_destination: Literal["local", "s3"] = Field(
         "local", description="Where exports are written: the local export dir, or the S3-compatible bucket below."

@@ -9,6 +9,7 @@ this process) are its children.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -25,6 +26,7 @@ from analytics_api.limits import job as limits
 from exports.jobs import recover_interrupted
 from ingest.producer import ensure_topics
 from ingest.processes import IngestProcesses
+from tollgate import monitoring
 from tollgate.broker import EmbeddedBroker
 from tollgate.settings import Settings
 from warehouse.client import connect, redact
@@ -41,6 +43,7 @@ def install_jobs(settings: Settings, bootstrap: str, scheduler) -> limits.Limits
     it after the scheduler's shutdown)."""
     from exports.schedules import ScheduleService
 
+    monitoring.watch_misfires(scheduler)
     if settings.settle_interval_seconds:
         scheduler.add_job(settle, "interval", seconds=settings.settle_interval_seconds,
                           args=[connect(settings.warehouse_dsn)], kwargs={"max_days": settings.settle_max_days},
@@ -54,18 +57,38 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-class StopSignal:
-    """SIGINT/SIGTERM set an event the main thread waits on."""
+log = logging.getLogger(__name__)
 
-    def __init__(self) -> None:
+EXIT_GRACE_EXCEEDED = 1
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set an event the main thread waits on, and start the grace period: a role that
+    has not finished its shutdown (drain, insert, commit) ``grace`` seconds after the signal exits
+    anyway, with code 1. Whatever it had not committed is re-delivered by Kafka later."""
+
+    def __init__(self, grace: float | None = None) -> None:
         self.event = threading.Event()
+        self.grace = grace
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if self.event.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop waiting for the drain
+        if not self.event.is_set() and self.grace:
+            log.info("%s: shutting down (grace period %gs)", signal.Signals(signum).name, self.grace)
+            watchdog = threading.Timer(self.grace, self._expired)
+            watchdog.daemon = True
+            watchdog.start()
         self.event.set()
+
+    def _expired(self) -> None:
+        log.error("shutdown did not finish within the grace period of %gs (TOLLGATE_SHUTDOWN_GRACE_SECONDS); "
+                  "exiting with code %d: uncommitted events will be re-delivered", self.grace, EXIT_GRACE_EXCEEDED)
+        say("stopped: the grace period ran out")
+        logging.shutdown()
+        os._exit(EXIT_GRACE_EXCEEDED)
 
     def wait(self) -> None:
         while not self.event.wait(0.5):
@@ -116,8 +139,12 @@ def ensure_admin_key(settings: Settings, client) -> str | None:
 class ApiServer:
     """uvicorn on a thread, so the main thread owns signals and the shutdown order."""
 
-    def __init__(self, app, host: str, port: int):
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    def __init__(self, app, host: str, port: int, grace: float = 30.0, lifespan: str = "off", log_level: str = "warning"):
+        # our log lines (tollgate/logs.py) and our access log (analytics_api/observe.py), not uvicorn's
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan=lifespan, log_config=None,
+                                access_log=False, timeout_graceful_shutdown=max(1, int(grace) - 5))
+        self.server = uvicorn.Server(config)
+        self.grace = grace
         self.thread = threading.Thread(target=self.server.run, name="api", daemon=True)
 
     def start(self, timeout: float = 30.0) -> None:
@@ -130,11 +157,11 @@ class ApiServer:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(15)
+        self.thread.join(self.grace)
 
 
 def up(settings: Settings, host: str, port: int, ingest_workers: int | None = None) -> int:
-    stop = StopSignal()
+    stop = StopSignal(settings.shutdown_grace_seconds)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     running = read_stack_file(settings)
     if running:
@@ -160,6 +187,7 @@ def up(settings: Settings, host: str, port: int, ingest_workers: int | None = No
         workers = IngestProcesses(settings, bootstrap, ingest_workers or settings.ingest_workers)
         workers.start()
         cleanup.callback(workers.stop)  # runs before the broker stops: drain, insert, commit
+        monitoring.serve(settings.metrics_host, settings.metrics_port)  # besides the API's /metrics, if asked for
 
         recover_interrupted(client, settings)  # this process runs every export: one left in_progress was cut short
         scheduler = BackgroundScheduler(timezone="UTC")
@@ -168,7 +196,7 @@ def up(settings: Settings, host: str, port: int, ingest_workers: int | None = No
         cleanup.callback(scheduler.shutdown, wait=True)
         cleanup.callback(limits_job.close)  # waits for a refresh in flight
 
-        api = ApiServer(create_app(settings, bootstrap), host, port)
+        api = ApiServer(create_app(settings, bootstrap), host, port, settings.shutdown_grace_seconds)
         api.start()
         cleanup.callback(api.stop)  # first to stop: no new requests while draining
 
@@ -188,20 +216,26 @@ def up(settings: Settings, host: str, port: int, ingest_workers: int | None = No
         except KeyboardInterrupt:
             pass
         say("stopping: draining ingest workers…")
+    if not workers.drained:
+        say("stopped, but an ingest worker did not drain within the grace period")
+        return EXIT_GRACE_EXCEEDED
     say("stopped")
     return 0
 
 
 def run_ingest(settings: Settings, workers: int | None = None) -> int:
     """Production role: consumers only, against a Kafka cluster and a ClickHouse server."""
-    stop = StopSignal()
+    stop = StopSignal(settings.shutdown_grace_seconds)
     bootstrap = kafka_bootstrap(settings)
     ensure_topics(bootstrap, settings.all_topics, settings.topic_partitions)
     pool = IngestProcesses(settings, bootstrap, workers or settings.ingest_workers)
     pool.start()
+    monitoring.serve(settings.metrics_host, settings.metrics_port)
     say(f"ingest: {pool.count} worker process(es) on {bootstrap} → {settings.warehouse_dsn}")
     stop.wait()
-    pool.stop()
+    if not pool.stop():
+        log.error("ingest: a worker did not drain within the grace period; its uncommitted events will be re-delivered")
+        return EXIT_GRACE_EXCEEDED
     return 0
 
 
@@ -210,9 +244,10 @@ def run_scheduler(settings: Settings) -> int:
     server, run only while this process holds the scheduler lease (warehouse/lease.py), so starting two is
     safe: one runs the jobs, the other waits to take over. Each tenure starts the jobs afresh from
     ClickHouse; losing the lease stops them (a job in flight finishes) and goes back to waiting."""
-    stop = StopSignal()
+    stop = StopSignal(settings.shutdown_grace_seconds)
     bootstrap = kafka_bootstrap(settings)
     ensure_topics(bootstrap, list(settings.limit_topics), settings.topic_partitions, configs=settings.limit_topics)
+    monitoring.serve(settings.metrics_host, settings.metrics_port)
     lease = Lease(connect(settings.warehouse_dsn), ttl=settings.scheduler_lease_seconds)
     every = lease.ttl / 3
     say(f"scheduler {lease.holder}: {redact(settings.warehouse_dsn)}, waiting for the lease (ttl {lease.ttl:g} s)")
@@ -238,6 +273,12 @@ def run_scheduler(settings: Settings) -> int:
 
 
 def run_api(settings: Settings, host: str, port: int) -> int:
-    """Production role: the API only."""
-    uvicorn.run(create_app(settings, kafka_bootstrap(settings)), host=host, port=port, log_level="info")
+    """Production role: the API only. SIGTERM: stop taking requests, finish those in flight, close."""
+    stop = StopSignal(settings.shutdown_grace_seconds)
+    api = ApiServer(create_app(settings, kafka_bootstrap(settings)), host, port, settings.shutdown_grace_seconds,
+                    lifespan="on", log_level="info")
+    api.start()
+    say(f"API: http://{host}:{port}/v1")
+    stop.wait()
+    api.stop()
     return 0

@@ -45,6 +45,7 @@ from kafka.errors import KafkaError
 from analytics_api.limits import counters as c
 from analytics_api.limits.closed import ClosedSegments, PolicyWindow
 from analytics_api.limits.feed import Feed
+from tollgate import monitoring
 from tollgate.settings import Settings
 from warehouse.client import connect
 from warehouse.queries import limits as q
@@ -146,13 +147,18 @@ class LimitsJob:
         """The scheduler's entry point: a refresh that never raises. While policies wait for closed segments (after
         a cold start, say), it refreshes again at once as long as that fits in the interval."""
         until = time.monotonic() + self.settings.limits_interval
-        try:
-            while not self._closed:
+        while not self._closed:
+            started, status = time.perf_counter(), "ok"
+            try:
                 report = self.run_once()
-                if not report.policies_pending or time.monotonic() + report.seconds > until:
-                    break
-        except Exception:
-            log.exception("limits refresh failed; the next one starts over")
+            except Exception:
+                status = "error"
+                log.exception("limits refresh failed; the next one starts over")
+                return
+            finally:
+                monitoring.LIMITS_REFRESH_SECONDS.labels(status).observe(time.perf_counter() - started)
+            if not report.policies_pending or time.monotonic() + report.seconds > until:
+                return
 
     def run_once(self, now: datetime | None = None) -> Report:
         with self._lock:

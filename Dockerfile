@@ -10,5 +10,6 @@ COPY warehouse ./warehouse
 COPY analytics_api ./analytics_api
 COPY exports ./exports
 COPY migrations ./migrations
+COPY spec ./spec
 RUN pip install --no-cache-dir -e .
 ENTRYPOINT ["tollgate"]

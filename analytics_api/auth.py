@@ -67,6 +67,15 @@ class Principal:
     def scope(self) -> TenantScope:
         return TenantScope(self.organisation_id, self.workspace_slug)
 
+    def listed_workspace(self, workspace_id: str | None, what: str) -> str | None:
+        """The workspace a list request covers (None: the whole organisation): ``workspace_id`` if
+        given, else the key's own; a workspace key asking for another workspace is a 403."""
+        if workspace_id is None:
+            return self.workspace_slug
+        if self.workspace_slug is not None and workspace_id != self.workspace_slug:
+            raise HTTPException(403, f"a workspace key can only list {what} of its own workspace")
+        return workspace_id
+
 
 class KeyVerifier:
     def __init__(self, pool, cache_seconds: float):

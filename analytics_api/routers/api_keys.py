@@ -145,11 +145,7 @@ def create_key(type: str, sub_type: str, request: Request, payload: Any = Body(.
 def list_keys(request: Request, page_size: int = Query(50, ge=1, le=100), current_page: int = Query(0, ge=0),
               workspace_id: str | None = Query(None, min_length=1, max_length=256),
               principal: Principal = Depends(require("api_keys.read"))) -> dict:
-    workspace = principal.workspace_slug
-    if workspace_id is not None:
-        if workspace is not None and workspace_id != workspace:
-            raise HTTPException(403, "a workspace key can only list keys of its own workspace")
-        workspace = workspace_id
+    workspace = principal.listed_workspace(workspace_id, "keys")
     with request.app.state.warehouse.borrow() as client:
         total, rows = api_keys.list_keys(client, principal.organisation_id, workspace, page_size, current_page * page_size)
     return {"object": "list", "total": total, "data": [public(r) for r in rows]}

@@ -107,11 +107,7 @@ def create_schedule(request: Request, payload: Any = Body(None),
 def list_schedules(request: Request, workspace_id: str | None = Query(None, min_length=1, max_length=256),
                    page_size: int = Query(50, ge=1, le=100), current_page: int = Query(0, ge=0),
                    principal: Principal = Depends(require("exports.read"))) -> dict:
-    workspace = principal.workspace_slug
-    if workspace_id is not None:
-        if workspace is not None and workspace_id != workspace:
-            raise HTTPException(403, "a workspace key lists the schedules of its own workspace only")
-        workspace = workspace_id
+    workspace = principal.listed_workspace(workspace_id, "schedules")
     with request.app.state.warehouse.borrow() as client:
         total, rows = q.list_schedules(client, TenantScope(principal.organisation_id, workspace), page_size,
                                        current_page * page_size)

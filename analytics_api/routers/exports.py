@@ -92,11 +92,7 @@ def create_export(request: Request, payload: Any = Body(None),
 def list_exports(request: Request, workspace_id: str | None = Query(None, min_length=1, max_length=256),
                  page_size: int = Query(50, ge=1, le=100), current_page: int = Query(0, ge=0),
                  principal: Principal = Depends(require("exports.read"))) -> dict:
-    workspace = principal.workspace_slug
-    if workspace_id is not None:
-        if workspace is not None and workspace_id != workspace:
-            raise HTTPException(403, "a workspace key lists the exports of its own workspace only")
-        workspace = workspace_id
+    workspace = principal.listed_workspace(workspace_id, "exports")
     with _state(request).warehouse.borrow() as client:
         total, rows = q.list_jobs(client, principal.organisation_id, workspace, page_size, current_page * page_size)
     return {"object": "list", "total": total, "data": [jobs.item(r) for r in rows]}

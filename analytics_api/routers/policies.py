@@ -234,11 +234,7 @@ def _created(request: Request, principal: Principal, kind: str, body: PolicyCrea
 
 def _list(request: Request, principal: Principal, kind: str, workspace_id: str | None, status: str, page_size: int,
           current_page: int, **filters) -> dict:
-    workspace = principal.workspace_slug
-    if workspace_id is not None:
-        if workspace is not None and workspace_id != workspace:
-            raise HTTPException(403, "a workspace key can only list policies of its own workspace")
-        workspace = workspace_id
+    workspace = principal.listed_workspace(workspace_id, "policies")
     with request.app.state.warehouse.borrow() as client:
         total, rows = pq.list_policies(client, kind, principal.organisation_id, workspace, status=status,
                                        limit=page_size, offset=current_page * page_size, **filters)

@@ -535,6 +535,17 @@ def load_counters(client: Client, organisations: list[str] | None = None) -> pa.
 
 # --------------------------------------------------------------------------- alerts and the state feed
 
+
+def _rows_table(rows: list[dict], columns: list[str], types: dict[str, pa.DataType], ms_columns: tuple[str, ...]) -> pa.Table:
+    """Dict rows → an Arrow table of ``columns``: ``ms_columns`` (epoch ms) as UTC timestamps, the others
+    typed by ``types`` (default string)."""
+    ts = pa.timestamp("ms", tz="UTC")
+    return pa.table({
+        c: (pa.array([r[c] for r in rows], pa.int64()).cast(ts) if c in ms_columns
+            else pa.array([r[c] for r in rows], types.get(c, pa.string())))
+        for c in columns
+    })
+
 ALERT_COLUMNS = ["policy_id", "value_key", "alert_window", "kind", "alert_id", "organisation_id", "payload", "state",
                  "topic_offsets", "created_at", "version"]
 
@@ -543,12 +554,8 @@ def write_alerts(client: Client, rows: list[dict]) -> None:
     """Alert rows (``ALERT_COLUMNS``; ``alert_window``/``created_at`` as epoch ms)."""
     if not rows:
         return
-    ts = pa.timestamp("ms", tz="UTC")
-    client.insert_arrow("limit_alerts", pa.table({
-        c: (pa.array([r[c] for r in rows], pa.int64()).cast(ts) if c in ("alert_window", "created_at")
-            else pa.array([r[c] for r in rows], pa.uint64() if c == "version" else pa.string()))
-        for c in ALERT_COLUMNS
-    }))
+    client.insert_arrow("limit_alerts", _rows_table(rows, ALERT_COLUMNS, {"version": pa.uint64()},
+                                                    ms_columns=("alert_window", "created_at")))
 
 
 def load_alerts(client: Client, organisations: list[str] | None = None) -> list[dict]:
@@ -569,12 +576,8 @@ def write_state(client: Client, rows: list[dict]) -> None:
     """State-feed rows (``STATE_COLUMNS``; ``updated_at`` as epoch ms; ``record`` '' = tombstone)."""
     if not rows:
         return
-    types = {"published": pa.bool_(), "version": pa.uint64()}
-    client.insert_arrow("limit_state", pa.table({
-        c: (pa.array([r[c] for r in rows], pa.int64()).cast(pa.timestamp("ms", tz="UTC")) if c == "updated_at"
-            else pa.array([r[c] for r in rows], types.get(c, pa.string())))
-        for c in STATE_COLUMNS
-    }))
+    client.insert_arrow("limit_state", _rows_table(rows, STATE_COLUMNS, {"published": pa.bool_(), "version": pa.uint64()},
+                                                   ms_columns=("updated_at",)))
 
 
 def load_state(client: Client, organisations: list[str] | None = None) -> list[dict]:

@@ -119,9 +119,9 @@ def test_two_workers_share_the_partitions_survive_a_stall_and_a_kill(settings6, 
         # a crash under load: the other worker is SIGKILLed while it consumes one half of a stream,
         # and replaced; the second half is produced after the kill (so the kill is mid-stream even
         # when a fast machine has consumed the whole first half by then)
+        before = progress()  # read before producing: a fast worker may commit the whole half before make_stream returns
         more_b, n_b = make_stream(producer, s, org, 15_000, resent=150, seed=3)
         expected, total = pl.concat([expected, more_b]), total + n_b
-        before = progress()
         assert wait_until(lambda: progress() > before, timeout=30)
         os.kill(other, signal.SIGKILL)
         more_c, n_c = make_stream(producer, s, org, 15_000, resent=150, seed=4)

@@ -27,6 +27,7 @@ from conftest import count_generations, publish, wait_until
 from spec_schemas import SPEC, STRICT, resolve
 from ingest.producer import ensure_topics, make_producer
 from ingest.workers import IngestWorkers
+from warehouse.filters import PAIRS_AS_OR
 from warehouse.queries import api_keys
 
 
@@ -483,6 +484,22 @@ def test_matches_reference(api, endpoint, case):
     assert non_integers(body, expected) == []
     body = without_float_noise(body)
     assert body == expected, "\n".join(differences(body, expected))
+
+
+@pytest.mark.parametrize("extra_pairs", [0, PAIRS_AS_OR], ids=["or-of-pairs", "tuple-in"])
+@pytest.mark.parametrize("route", ["graphs/requests", "groups/model"])
+def test_provider_model_pairs_are_exact(api, route, extra_pairs):
+    """Up to PAIRS_AS_OR pairs the filter is an OR of equalities, over it one tuple IN: either
+    way only the listed pairs match, not gpt-4o of openai, whose provider and model are each
+    listed in another pair (the cases above never list such a cross pair)."""
+    pairs = ["azure-openai__gpt-4o", "openai__gpt-4o-mini", "together__meta-llama__Llama-3-70b"]
+    pairs += [f"nobody__model-{i}" for i in range(extra_pairs)]
+    params = {"time_of_generation_min": ALL_Z[0], "time_of_generation_max": ALL_Z[1], "ai_org_model": ",".join(pairs)}
+    got = api.get(route, params)
+    assert got.status_code == 200, got.text
+    expected = REFERENCE.compute(route, params, key_workspace=None)
+    assert (expected["summary"]["total"] if route.startswith("graphs/") else expected["total"]) > 0  # some requests match
+    assert without_float_noise(got.json()) == expected
 
 
 DECIMALS = {"cost": 4, "avg_cost": 4, "error_rate": 2, "cache_hit_rate": 2, "avg_weighted_feedback": 2}

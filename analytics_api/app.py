@@ -30,7 +30,7 @@ def create_app(settings: Settings, bootstrap: str | None = None, pool_size: int 
     app.state.bootstrap = bootstrap or settings.kafka_bootstrap
     app.state.warehouse = ClientPool(settings.warehouse_dsn, size=pool_size)
     app.state.keys = KeyVerifier(app.state.warehouse, settings.auth_cache_seconds)
-    app.state.publisher = Publisher(app.state.bootstrap)
+    app.state.publisher = Publisher(app.state.bootstrap, timeout=settings.publish_timeout_seconds)
     app.router.add_event_handler("shutdown", app.state.publisher.close)  # FastAPI keeps it on the router (Starlette 1 dropped it)
     app.state.exports = ExportRunner(settings, app.state.warehouse)  # runs started exports (exports/jobs.py)
     app.state.export_secret = signing_secret(settings)

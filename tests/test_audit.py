@@ -433,7 +433,7 @@ def test_no_audit_record_no_mutation(base_settings, warehouse, make_key, org):
     """
     own = EmbeddedBroker().start()
     try:
-        s = fresh_settings(base_settings, own)
+        s = fresh_settings(base_settings, own, publish_timeout_seconds=2)  # each refused request waits this long
         handlers = Handlers()
         app = create_app(s, own.bootstrap, pool_size=1)
         add_test_routes(app, handlers, own.bootstrap, s.topic_audit, broker=own)

@@ -99,6 +99,9 @@ class Settings(BaseSettings):
         4 * 1024 * 1024, ge=1024, description="Largest POST /v1/logs body in bytes; larger is a 413."
     )
     feedback_max_items: int = Field(1_000, ge=1, description="Most feedback items one POST /v1/feedback takes; more is a 413.")
+    publish_timeout_seconds: float = Field(
+        10.0, gt=0, description="How long a request waits for Kafka to acknowledge its events (or audit record); then a 503."
+    )
 
     # -- operations (docs/operations.md) ------------------------------------------
     log_format: Literal["json", "text"] = Field("json", description="Log lines as JSON objects, or plain text.")

@@ -5,7 +5,9 @@ uses a :class:`DirectSink`. The embedded engine (chdb) can be opened by one proc
 only; an ingest worker process then writes its batch to a spool file and asks that
 process over a pipe to insert it (:class:`RemoteSink` → :class:`SinkServer`), which
 runs ``INSERT … FROM INFILE`` and answers only after ClickHouse acknowledged.
-Either way the worker commits its offsets only after that answer. (The spool file
+Either way the worker commits its offsets only after that answer, and for feedback only
+after the per-trace sums of the batch's traces were rewritten too (:func:`after_insert`).
+(The spool file
 is what clickhouse-connect's chdb backend does for every insert anyway; writing it
 in the worker saves copying each batch through the pipe and the owner's memory.)
 """
@@ -21,10 +23,13 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Protocol
 
-from ingest.events import Codec
+import orjson
 from clickhouse_connect.driver.binding import quote_identifier
 
+from ingest.events import Codec
 from warehouse.client import connect
+from warehouse.cluster import CLUSTER_READ, CLUSTER_WRITE, layout
+from warehouse.queries.feedback import refresh_traces
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +67,33 @@ def check_fault(fault_file: Path | None) -> None:
 def insert_rows(client, codec: Codec, rows: list[bytes]) -> None:
     """One INSERT … FORMAT JSONCompactEachRow, streamed; ClickHouse parses the batch."""
     client.raw_insert(codec.table, column_names=codec.columns, insert_block=codec.chunks(rows),
-                      fmt="JSONCompactEachRow", settings=INSERT_SETTINGS)
+                      fmt="JSONCompactEachRow", settings={**INSERT_SETTINGS, **_read_after_write(client, codec.table)[0]})
+    after_insert(client, codec.table, codec.columns, rows)
+
+
+def after_insert(client, table: str, columns: list[str], rows) -> None:
+    """What must follow an acknowledged insert before its offsets may be committed: for
+    feedback, rewriting the per-trace sums of the batch's traces (``feedback_traces``,
+    migration 0021). A failure here fails the batch, which is inserted again (ClickHouse
+    keeps one version) and rewritten again."""
+    if table != "feedback":
+        return
+    org, trace = columns.index("organisation_id"), columns.index("trace_id")
+    pairs = set()
+    for line in rows:
+        for row in line.splitlines():  # a spool file's lines, or one row each
+            if row.strip():
+                values = orjson.loads(row)
+                pairs.add((values[org], values[trace]))
+    refresh_traces(client, pairs, settings=_read_after_write(client, table)[1])
+
+
+def _read_after_write(client, table: str) -> tuple[dict, dict]:
+    """(insert, read) settings. In cluster mode the rewrite after a feedback insert must read a
+    replica that has the batch: the insert waits for a quorum, the read sees every quorum write."""
+    if table == "feedback" and layout(client).cluster:
+        return CLUSTER_WRITE, CLUSTER_READ
+    return {}, {}
 
 
 _TABLES = {"generations", "feedback", "audit_logs"}
@@ -140,6 +171,8 @@ class SinkServer:
             try:
                 check_fault(self.fault_file)
                 insert_file(client, table, columns, path)
+                with open(path, "rb") as spooled:
+                    after_insert(client, table, columns, spooled)
                 answer = ("ok", None)
             except Exception as exc:  # the worker retries with back-off
                 log.warning("insert into %s for a worker failed: %s", table, exc)

@@ -69,6 +69,12 @@ class Layout:
         return f"clusterAllReplicas('{self.cluster}', system.parts)" if self.cluster else "system.parts"
 
 
+# Read-after-write on replicated tables (the scheduler lease; feedback and the rewrite of its
+# per-trace sums): a write returns once a majority of the shard's replicas has it, and a
+# read sees every such write, whichever replica answers it.
+CLUSTER_WRITE = {"insert_quorum": "auto", "insert_quorum_parallel": 0}
+CLUSTER_READ = {"select_sequential_consistency": 1}
+
 SINGLE = Layout()
 _DISTRIBUTED = re.compile(r"^Distributed\(\s*'?([A-Za-z_][A-Za-z0-9_]*)'?\s*,")
 _known: "weakref.WeakKeyDictionary[object, Layout]" = weakref.WeakKeyDictionary()

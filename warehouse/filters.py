@@ -114,17 +114,18 @@ def compile_where(f: Filters, scope: TenantScope) -> Where:
 
     low, high = f.weighted_feedback
     if low is not None or high is not None:
-        having = ["sum(weight) > 0"]
+        # The trace's weighted feedback from its per-trace sums (feedback_traces, 0021), as
+        # in the feedback queries of warehouse/queries/analytics.py.
+        test = ["weight_sum > 0"]
         if low is not None:
-            having.append("sum(value * weight) / sum(weight) >= {wf_min:Float64}")
+            test.append("weighted_sum / weight_sum >= {wf_min:Float64}")
             params["wf_min"] = low
         if high is not None:
-            having.append("sum(value * weight) / sum(weight) <= {wf_max:Float64}")
+            test.append("weighted_sum / weight_sum <= {wf_max:Float64}")
             params["wf_max"] = high
         parts.append(
-            # trace_hash: feedback.trace_hash (0020), as in the feedback queries of warehouse/queries/analytics.py
-            "trace_hash IN (SELECT trace_hash FROM feedback FINAL WHERE organisation_id = {scope_org:String} "
-            f"GROUP BY trace_hash HAVING {' AND '.join(having)})"
+            "trace_hash IN (SELECT trace_hash FROM feedback_traces FINAL WHERE organisation_id = {scope_org:String} "
+            f"AND {' AND '.join(test)})"
         )
     return Where(" AND ".join(f"({p})" for p in parts), params)
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 from clickhouse_connect.driver.client import Client
 
-from warehouse.cluster import layout
+from warehouse.cluster import CLUSTER_READ, CLUSTER_WRITE, layout
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,6 @@ SCHEDULER = "scheduler"
 # Cluster mode: the lease's shard is replicated; a write must be on a majority of its replicas
 # before it returns, and a read must see every quorum write (else the read-after-write
 # check could read a replica that has not fetched the row yet).
-CLUSTER_WRITE = {"insert_quorum": "auto", "insert_quorum_parallel": 0}
-CLUSTER_READ = {"select_sequential_consistency": 1}
 
 
 def holder_id() -> str:

@@ -148,11 +148,13 @@ def grouped(client: Client, where: Where, group: str, measures: list[str], metad
 # trace_id. Two different trace ids of one organisation sharing a hash would be taken
 # for one trace (about one chance in 10^19 per pair; docs/analytics.md).
 #
-# Only traces that have feedback can join it: a cheap set lookup spares grouping every
-# trace of the window. Any version of a feedback id has its trace, so no FINAL here.
-# Feedback trace ids are never empty (docs/events.md), so the set holds no request
-# without a trace.
-TRACES_WITH_FEEDBACK = "SELECT trace_hash FROM feedback WHERE organisation_id = {scope_org:String}"
+# Feedback is read through `feedback_traces` (migration 0021): per trace, the sums of its
+# latest feedback versions, which the feedback ingest rewrites after every batch. Only
+# traces that have feedback can join it: a cheap set lookup spares grouping every trace
+# of the window. A trace that has a row has feedback (rows are never removed, like
+# feedback), so membership needs no FINAL. Feedback trace ids are never empty
+# (docs/events.md), so the set holds no request without a trace.
+TRACES_WITH_FEEDBACK = "SELECT trace_hash FROM feedback_traces WHERE organisation_id = {scope_org:String}"
 
 
 # What a query may need of a trace's requests: when it started, and the model of its
@@ -182,11 +184,13 @@ def _traces(where: Where, extra_key: str | None = None, attributes: tuple[str, .
     )
 
 
-# The latest version of each feedback of the organisation.
-FEEDBACK = (
-    "SELECT trace_hash, value, weight FROM feedback FINAL WHERE organisation_id = {scope_org:String}"
+# The feedback of each trace of the organisation: its count, Σ value·weight, Σ weight and
+# the count per score.
+PER_TRACE = (
+    "SELECT trace_hash, feedbacks, weighted_sum, weight_sum, score_values, score_counts "
+    "FROM feedback_traces FINAL WHERE organisation_id = {scope_org:String}"
 )
-FEEDBACK_MEASURES = "count() AS feedbacks, sum(value * weight) AS weighted_sum, sum(weight) AS weight_sum"
+FEEDBACK_MEASURES = "sum(f.feedbacks) AS feedbacks, sum(f.weighted_sum) AS weighted_sum, sum(f.weight_sum) AS weight_sum"
 ON_TRACE = "f.trace_hash = t.trace_hash"
 
 
@@ -194,21 +198,24 @@ def feedback_series(client: Client, where: Where, granularity: str, tz_offset: i
     """Feedback per bucket of its trace's first request, plus the total row."""
     sql = (
         f"SELECT {bucket_sql('t.first_at', granularity)} AS bucket, {FEEDBACK_MEASURES} "
-        f"FROM ({FEEDBACK}) AS f INNER JOIN ({_traces(where, attributes=('first_at',))}) AS t ON {ON_TRACE} "
+        f"FROM ({PER_TRACE}) AS f INNER JOIN ({_traces(where, attributes=('first_at',))}) AS t ON {ON_TRACE} "
         "GROUP BY GROUPING SETS ((bucket), ())"
     )
     return client.query_arrow(sql, parameters={**where.params, "tz_offset": tz_offset}, settings=FINAL_SETTINGS)
 
 
 def feedback_by(client: Client, where: Where, by: str) -> pa.Table:
-    """Feedback counted per ``score`` (its value) or per ``model`` (of the trace's first request)."""
-    key = {"score": "f.value", "model": "t.model"}[by]
-    attributes = ("model",) if by == "model" else ()
-    sql = (
-        f"SELECT {key} AS key, {FEEDBACK_MEASURES} "
-        f"FROM ({FEEDBACK}) AS f INNER JOIN ({_traces(where, attributes=attributes)}) AS t ON {ON_TRACE} "
-        "GROUP BY GROUPING SETS ((key), ())"
-    )
+    """Feedback counted per ``score`` (its value) or per ``model`` (of the trace's first request).
+
+    Per score only ``feedbacks`` is meaningful (the trace's count of that score)."""
+    joined = f"FROM ({PER_TRACE}) AS f INNER JOIN ({_traces(where, attributes=('model',) if by == 'model' else ())}) AS t ON {ON_TRACE}"
+    if by == "score":
+        sql = (
+            f"SELECT score AS key, sum(n) AS feedbacks FROM (SELECT f.score_values AS vals, f.score_counts AS counts {joined}) "
+            "ARRAY JOIN vals AS score, counts AS n GROUP BY GROUPING SETS ((key), ())"
+        )
+    else:
+        sql = f"SELECT t.model AS key, {FEEDBACK_MEASURES} {joined} GROUP BY GROUPING SETS ((key), ())"
     return client.query_arrow(sql, parameters=where.params, settings=FINAL_SETTINGS)
 
 
@@ -218,12 +225,10 @@ def feedback_grouped(client: Client, where: Where, group: str, metadata_key: str
     params = dict(where.params)
     condition = where.sql
     group, condition = _group_condition(group, condition, params, metadata_key)
-    per_trace = f"SELECT trace_hash, {FEEDBACK_MEASURES} FROM ({FEEDBACK}) GROUP BY trace_hash"
     sql = (
-        "SELECT t.key AS key, sum(t.requests) AS requests_with_feedback, sum(f.feedbacks) AS feedbacks, "
-        "sum(f.weighted_sum) AS weighted_sum, sum(f.weight_sum) AS weight_sum "
+        f"SELECT t.key AS key, sum(t.requests) AS requests_with_feedback, {FEEDBACK_MEASURES} "
         f"FROM ({_traces(Where(condition, params), GROUP_KEYS[group])}) AS t "
-        f"INNER JOIN ({per_trace}) AS f ON {ON_TRACE} GROUP BY key"
+        f"INNER JOIN ({PER_TRACE}) AS f ON {ON_TRACE} GROUP BY key"
     )
     return client.query_arrow(sql, parameters=params, settings=FINAL_SETTINGS)
 
@@ -247,10 +252,8 @@ def grouped_with_feedback(client: Client, where: Where, group: str, measures: li
         f"{_select(measures)} FROM generations FINAL WHERE {condition} GROUP BY key, th"
     )
     combined = ", ".join(f"{PER_TRACE_COMBINE[m]}(t.{m}) AS {m}" for m in measures)
-    per_trace = f"SELECT trace_hash, {FEEDBACK_MEASURES} FROM ({FEEDBACK}) GROUP BY trace_hash"
     sql = (
-        f"SELECT t.key AS key, {combined}, sumIf(t.requests, t.th != 0) AS requests_with_feedback, "
-        "sum(f.feedbacks) AS feedbacks, sum(f.weighted_sum) AS weighted_sum, sum(f.weight_sum) AS weight_sum "
-        f"FROM ({per_trace}) AS f RIGHT JOIN ({scan}) AS t ON f.trace_hash = t.th GROUP BY t.key"
+        f"SELECT t.key AS key, {combined}, sumIf(t.requests, t.th != 0) AS requests_with_feedback, {FEEDBACK_MEASURES} "
+        f"FROM ({PER_TRACE}) AS f RIGHT JOIN ({scan}) AS t ON f.trace_hash = t.th GROUP BY t.key"
     )
     return client.query_arrow(sql, parameters=params, settings=FINAL_SETTINGS)

@@ -1,7 +1,9 @@
-"""Point reads of feedback (PUT /v1/feedback/{id} reads the current version)."""
+"""Point reads of feedback (PUT /v1/feedback/{id} reads the current version), and the
+per-trace feedback sums that analytics read (``feedback_traces``, migration 0021)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
@@ -22,3 +24,34 @@ def get_feedback(client: Client, scope: TenantScope, feedback_id: str) -> dict[s
     if not result.result_rows:
         return None
     return dict(zip(COLUMNS, result.result_rows[0]))
+
+
+# The aggregate of a trace's feedback as migration 0021 defines it (the migration's backfill
+# computes the same columns).
+_TRACE_AGGREGATE = (
+    "SELECT organisation_id, trace_hash, count(), sum(value * weight), sum(weight), "
+    "(sumMap([value], [toUInt64(1)]) AS scores).1, scores.2, sum(toUInt64(toUnixTimestamp64Milli(updated_at))) "
+    "FROM (SELECT organisation_id, trace_id, trace_hash, value, weight, updated_at FROM feedback FINAL "
+    "WHERE organisation_id IN {orgs:Array(String)}) "
+    "{where} GROUP BY organisation_id, trace_hash"
+)
+
+
+def refresh_traces(client: Client, traces: Iterable[tuple[str, str]] | None = None, orgs: Iterable[str] = (),
+                   settings: dict | None = None) -> None:
+    """Rewrite ``feedback_traces`` for these (organisation, trace_id) pairs (or for every trace
+    of ``orgs`` when ``traces`` is None) from the latest feedback versions.
+
+    The feedback ingest calls it after each acknowledged batch, before committing its offsets.
+    A trace's FINAL read is filtered after FINAL (not before), so the result never depends on
+    versions of one feedback id agreeing on their trace.
+    """
+    if traces is None:
+        sql, params = _TRACE_AGGREGATE.replace("{where}", ""), {"orgs": sorted(set(orgs))}
+    else:
+        pairs = set(traces)
+        if not pairs:
+            return
+        sql = _TRACE_AGGREGATE.replace("{where}", "WHERE trace_id IN {trace_ids:Array(String)}")
+        params = {"orgs": sorted({o for o, _ in pairs}), "trace_ids": sorted({t for _, t in pairs})}
+    client.command("INSERT INTO feedback_traces " + sql, parameters=params, settings=settings)

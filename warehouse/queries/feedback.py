@@ -27,13 +27,20 @@ def get_feedback(client: Client, scope: TenantScope, feedback_id: str) -> dict[s
 
 
 # The aggregate of a trace's feedback as migration 0021 defines it (the migration's backfill
-# computes the same columns).
+# computes the same columns). {ids} narrows the FINAL read by the sorting key (exact before
+# FINAL: every version of an id has that id); {where} picks the traces after FINAL.
 _TRACE_AGGREGATE = (
     "SELECT organisation_id, trace_hash, count(), sum(value * weight), sum(weight), "
     "(sumMap([value], [toUInt64(1)]) AS scores).1, scores.2, sum(toUInt64(toUnixTimestamp64Milli(updated_at))) "
     "FROM (SELECT organisation_id, trace_id, trace_hash, value, weight, updated_at FROM feedback FINAL "
-    "WHERE organisation_id IN {orgs:Array(String)}) "
+    "WHERE organisation_id IN {orgs:Array(String)}{ids}) "
     "{where} GROUP BY organisation_id, trace_hash"
+)
+# The ids that have a version on one of the traces (the bloom filter index on trace_id skips
+# most of the table for a batch's few traces).
+_IDS_ON_TRACES = (
+    " AND id IN (SELECT id FROM feedback WHERE organisation_id IN {orgs:Array(String)} "
+    "AND trace_id IN {trace_ids:Array(String)})"
 )
 
 
@@ -43,15 +50,17 @@ def refresh_traces(client: Client, traces: Iterable[tuple[str, str]] | None = No
     of ``orgs`` when ``traces`` is None) from the latest feedback versions.
 
     The feedback ingest calls it after each acknowledged batch, before committing its offsets.
-    A trace's FINAL read is filtered after FINAL (not before), so the result never depends on
-    versions of one feedback id agreeing on their trace.
+    It reads, with FINAL, only the ids that have a version on one of the traces, and keeps
+    the traces after FINAL: the latest version of each such id counts for the trace it is on.
+    (An update that moved a feedback to another trace would leave its former trace counting
+    it until that trace is rewritten again; the API's PUT keeps the trace, docs/events.md.)
     """
     if traces is None:
-        sql, params = _TRACE_AGGREGATE.replace("{where}", ""), {"orgs": sorted(set(orgs))}
+        sql, params = _TRACE_AGGREGATE.replace("{ids}", "").replace("{where}", ""), {"orgs": sorted(set(orgs))}
     else:
         pairs = set(traces)
         if not pairs:
             return
-        sql = _TRACE_AGGREGATE.replace("{where}", "WHERE trace_id IN {trace_ids:Array(String)}")
+        sql = _TRACE_AGGREGATE.replace("{ids}", _IDS_ON_TRACES).replace("{where}", "WHERE trace_id IN {trace_ids:Array(String)}")
         params = {"orgs": sorted({o for o, _ in pairs}), "trace_ids": sorted({t for _, t in pairs})}
     client.command("INSERT INTO feedback_traces " + sql, parameters=params, settings=settings)

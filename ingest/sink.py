@@ -67,7 +67,7 @@ def check_fault(fault_file: Path | None) -> None:
 def insert_rows(client, codec: Codec, rows: list[bytes]) -> None:
     """One INSERT … FORMAT JSONCompactEachRow, streamed; ClickHouse parses the batch."""
     client.raw_insert(codec.table, column_names=codec.columns, insert_block=codec.chunks(rows),
-                      fmt="JSONCompactEachRow", settings={**INSERT_SETTINGS, **_read_after_write(client, codec.table)[0]})
+                      fmt="JSONCompactEachRow", settings={**INSERT_SETTINGS, **(CLUSTER_WRITE if _quorum(client, codec.table) else {})})
     after_insert(client, codec.table, codec.columns, rows)
 
 
@@ -85,15 +85,13 @@ def after_insert(client, table: str, columns: list[str], rows) -> None:
             if row.strip():
                 values = orjson.loads(row)
                 pairs.add((values[org], values[trace]))
-    refresh_traces(client, pairs, settings=_read_after_write(client, table)[1])
+    refresh_traces(client, pairs, settings=CLUSTER_READ if _quorum(client, table) else None)
 
 
-def _read_after_write(client, table: str) -> tuple[dict, dict]:
-    """(insert, read) settings. In cluster mode the rewrite after a feedback insert must read a
-    replica that has the batch: the insert waits for a quorum, the read sees every quorum write."""
-    if table == "feedback" and layout(client).cluster:
-        return CLUSTER_WRITE, CLUSTER_READ
-    return {}, {}
+def _quorum(client, table: str) -> bool:
+    """Cluster mode: the rewrite after a feedback insert must read a replica that has the batch,
+    so the insert waits for a quorum and the rewrite reads every quorum write."""
+    return table == "feedback" and layout(client).cluster is not None
 
 
 _TABLES = {"generations", "feedback", "audit_logs"}

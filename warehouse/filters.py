@@ -58,6 +58,9 @@ class Filters:
 class Where:
     sql: str
     params: dict[str, object]
+    # True when the condition itself keeps only requests whose trace has feedback (the
+    # weighted-feedback filter): queries then need not test it again.
+    only_traces_with_feedback: bool = False
 
 
 def compile_where(f: Filters, scope: TenantScope) -> Where:
@@ -127,7 +130,7 @@ def compile_where(f: Filters, scope: TenantScope) -> Where:
             "trace_hash IN (SELECT trace_hash FROM feedback_traces FINAL WHERE organisation_id = {scope_org:String} "
             f"AND {' AND '.join(test)})"
         )
-    return Where(" AND ".join(f"({p})" for p in parts), params)
+    return Where(" AND ".join(f"({p})" for p in parts), params, only_traces_with_feedback=low is not None or high is not None)
 
 
 def _utc_naive(ts: datetime) -> datetime:

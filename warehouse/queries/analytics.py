@@ -157,6 +157,15 @@ def grouped(client: Client, where: Where, group: str, measures: list[str], metad
 TRACES_WITH_FEEDBACK = "SELECT trace_hash FROM feedback_traces WHERE organisation_id = {scope_org:String}"
 
 
+def _has_feedback(where: Where) -> str:
+    """The test "this request's trace has feedback", for the requests ``where`` selects.
+
+    Under the weighted-feedback filter every selected request passed it already (that
+    filter's traces are a subset of these): building and probing the set again cost
+    10–15 ms per query on the benchmark (metadata/_user 113 → 98 ms)."""
+    return "1" if where.only_traces_with_feedback else f"trace_hash IN ({TRACES_WITH_FEEDBACK})"
+
+
 # What a query may need of a trace's requests: when it started, and the model of its
 # first request (requests that started at the same millisecond: the smallest model name).
 # minArgMin: the min of ai_model over the rows of the least created_at, comparing strings
@@ -182,7 +191,7 @@ def _traces(where: Where, extra_key: str | None = None, attributes: tuple[str, .
     extra = "".join(f", {TRACE_ATTRIBUTES[a]} AS {a}" for a in attributes)
     return (
         f"SELECT trace_hash{key}{extra}, count() AS requests "
-        f"FROM generations FINAL WHERE {where.sql} AND trace_hash IN ({TRACES_WITH_FEEDBACK}) GROUP BY {group}"
+        f"FROM generations FINAL WHERE {where.sql} AND {_has_feedback(where)} GROUP BY {group}"
     )
 
 
@@ -229,7 +238,7 @@ def feedback_grouped(client: Client, where: Where, group: str, metadata_key: str
     group, condition = _group_condition(group, condition, params, metadata_key)
     sql = (
         f"SELECT t.key AS key, sum(t.requests) AS requests_with_feedback, {FEEDBACK_MEASURES} "
-        f"FROM ({_traces(Where(condition, params), GROUP_KEYS[group])}) AS t "
+        f"FROM ({_traces(Where(condition, params, where.only_traces_with_feedback), GROUP_KEYS[group])}) AS t "
         f"INNER JOIN ({PER_TRACE}) AS f ON {ON_TRACE} GROUP BY key"
     )
     return client.query_arrow(sql, parameters=params, settings=FINAL_SETTINGS)
@@ -250,7 +259,7 @@ def grouped_with_feedback(client: Client, where: Where, group: str, measures: li
     params = dict(where.params)
     group, condition = _group_condition(group, where.sql, params, metadata_key)
     scan = (
-        f"SELECT {GROUP_KEYS[group]} AS key, if(trace_hash IN ({TRACES_WITH_FEEDBACK}), trace_hash, 0) AS th, "
+        f"SELECT {GROUP_KEYS[group]} AS key, if({_has_feedback(where)}, trace_hash, 0) AS th, "
         f"{_select(measures)} FROM generations FINAL WHERE {condition} GROUP BY key, th"
     )
     combined = ", ".join(f"{PER_TRACE_COMBINE[m]}(t.{m}) AS {m}" for m in measures)

@@ -439,13 +439,22 @@ def _collect(strategy, n: int) -> list:
     return drawn
 
 
-def test_poison_pills_all_land_in_the_dead_letter_topic(settings, producer, broker, warehouse, workers, org):
-    """1,000 random byte strings and 500 structured-but-wrong gateway logs, interleaved with 3,000
-    good ones: every bad message is dead-lettered once with a reason, every good one stored once."""
-    rng = random.Random(17)
+@pytest.fixture
+def poison_pills(org) -> tuple[list[bytes], list[bytes]]:
+    """(1,000 random byte strings, 500 structured-but-wrong gateway logs), drawn before the
+    producer and the workers start: their threads use the `random` module, which hypothesis
+    takes for a strategy using it (HypothesisDeprecationWarning)."""
     junk = _collect(st.binary(max_size=400), 1_000)
     wrong = _collect(structured_but_wrong(org), 500)
     assert len(junk) == 1_000 and len(wrong) == 500
+    return junk, wrong
+
+
+def test_poison_pills_all_land_in_the_dead_letter_topic(poison_pills, settings, producer, broker, warehouse, workers, org):
+    """1,000 random byte strings and 500 structured-but-wrong gateway logs, interleaved with 3,000
+    good ones: every bad message is dead-lettered once with a reason, every good one stored once."""
+    rng = random.Random(17)
+    junk, wrong = poison_pills
     good = [gateway_log(org, rng=rng) for _ in range(3_000)]
     bad = junk + wrong
     mixed: list[bytes] = [orjson.dumps(e) for e in good] + bad

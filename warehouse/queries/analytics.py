@@ -12,6 +12,8 @@ percentiles are the true window values, computed in the same scan.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 
@@ -238,7 +240,7 @@ def feedback_grouped(client: Client, where: Where, group: str, metadata_key: str
     group, condition = _group_condition(group, condition, params, metadata_key)
     sql = (
         f"SELECT t.key AS key, sum(t.requests) AS requests_with_feedback, {FEEDBACK_MEASURES} "
-        f"FROM ({_traces(Where(condition, params, where.only_traces_with_feedback), GROUP_KEYS[group])}) AS t "
+        f"FROM ({_traces(replace(where, sql=condition, params=params), GROUP_KEYS[group])}) AS t "
         f"INNER JOIN ({PER_TRACE}) AS f ON {ON_TRACE} GROUP BY key"
     )
     return client.query_arrow(sql, parameters=params, settings=FINAL_SETTINGS)

@@ -61,9 +61,22 @@ class Publisher:
             return f"{type(exc).__name__}: {exc}"
 
     def close(self) -> None:
-        """Flush and close; at shutdown a broker that is gone is not an error worth raising."""
-        if self._producer is not None:
+        """Flush and close; at shutdown a broker that is gone is not an error worth raising.
+
+        kafka-python's ``close`` flushes first and, when that times out, raises before it stops
+        its sender thread, which then reconnects to the gone broker for the life of the process.
+        So after a failed flush the sender is stopped without sending: what it still held was
+        never acknowledged, and its callers were answered 503."""
+        if self._producer is None:
+            return
+        try:
+            self._producer.close(timeout=5)
+        except KafkaError as exc:
+            log.warning("closing the producer: %s; dropping what it could not send", exc)
+            sender = getattr(self._producer, "_sender", None)  # no public way to abort pending sends
+            if sender is not None:
+                sender.force_close()  # fails the pending batches, then the thread ends
             try:
-                self._producer.close(timeout=5)
-            except KafkaError as exc:
-                log.warning("closing the producer: %s", exc)
+                self._producer.close(timeout=2)
+            except KafkaError as again:
+                log.warning("closing the producer after dropping its sends: %s", again)

@@ -11,6 +11,7 @@ A codec turns a list of valid events into one Arrow table for one insert.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Callable, Iterator, Literal
 
@@ -43,7 +44,7 @@ class InvalidEvent(ValueError):
 
 
 class AnalyticsMetrics(msgspec.Struct, forbid_unknown_fields=False, gc=False):
-    id: str | None = None
+    id: Id | None = None
     organisation_id: str | None = None
     organisation_name: Short | None = None
     prompt_id: Short | None = None
@@ -117,7 +118,7 @@ class LogResponse(msgspec.Struct, gc=False):
 
 
 class GatewayLog(msgspec.Struct, gc=False):
-    created_at: datetime
+    created_at: str  # parsed by _timestamp
     organisation_id: Id
     request: LogRequest
     response: LogResponse
@@ -149,6 +150,36 @@ def _require_utf8(value: bytes) -> None:
         value.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidEvent(f"invalid JSON: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+def _decode(decoder: msgspec.json.Decoder, value: bytes, what: str) -> Any:
+    """The typed event, or InvalidEvent naming what is wrong."""
+    _require_utf8(value)
+    try:
+        return decoder.decode(value)
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent(f"invalid {what}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidEvent(f"invalid JSON: {exc}") from None
+    except RecursionError:  # msgspec recurses into nested arrays and objects, raw bodies included
+        raise InvalidEvent("invalid JSON: nested too deeply") from None
+
+
+# Digits past the microsecond: msgspec would round them (…59.9999996 to the next second, possibly
+# the next day), where the stored milliseconds are documented as truncated.
+_PAST_MICROSECONDS = re.compile(r"(\.\d{6})\d+")
+
+
+def _timestamp(text: str, field: str) -> datetime:
+    """An RFC 3339 timestamp as an aware UTC datetime in 1970..2200 (naive text is UTC)."""
+    dot = text.find(".")
+    if dot != -1 and text[dot + 7:dot + 8].isdigit():
+        text = _PAST_MICROSECONDS.sub(r"\1", text, count=1)
+    try:
+        ts = msgspec.convert(text, datetime)
+    except msgspec.ValidationError:
+        raise InvalidEvent(f"`{field}` must be an RFC 3339 timestamp, got {text[:64]!r}") from None
+    return _utc(ts, field)
 
 
 def _epoch_seconds(ts: datetime) -> float:
@@ -198,21 +229,15 @@ _gateway_decoder = msgspec.json.Decoder(GatewayLog)
 
 def decode_gateway_log(value: bytes) -> tuple:
     """Validate one gateway log event and return its generation row (GENERATION_COLUMNS order)."""
-    _require_utf8(value)
-    try:
-        ev = _gateway_decoder.decode(value)
-    except msgspec.ValidationError as exc:
-        raise InvalidEvent(f"invalid gateway log: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise InvalidEvent(f"invalid JSON: {exc}") from None
+    ev = _decode(_gateway_decoder, value, "gateway log")
     m = ev.metrics
     log_id = ev.underscore_id or ev.id or m.id
     if not log_id:
         raise InvalidEvent("missing required field `_id`")
     if m.organisation_id and m.organisation_id != ev.organisation_id:
         raise InvalidEvent("`metrics.organisation_id` differs from `organisation_id`")
-    created = _utc(ev.created_at, "created_at")
-    for name in ("headers", "body", "portkeyHeaders"):
+    created = _timestamp(ev.created_at, "created_at")
+    for name in ("headers", "portkeyHeaders"):  # the body is any JSON
         _check_object(getattr(ev.request, name), f"request.{name}")
     _check_object(ev.response.headers, "response.headers")
     status = m.response_status_code if m.response_status_code is not None else ev.response.status
@@ -313,13 +338,13 @@ GENERATION_COLUMNS = [
 class FeedbackEvent(msgspec.Struct):
     id: Id
     organisation_id: Id
-    created_at: datetime
+    created_at: str  # parsed by _timestamp
     trace_id: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
     value: Annotated[int, msgspec.Meta(ge=-10, le=10)]
     weight: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
     metadata: dict[str, Any] | None = None
     workspace_slug: Short | None = None
-    updated_at: datetime | None = None
+    updated_at: str | None = None
 
 
 _feedback_decoder = msgspec.json.Decoder(FeedbackEvent)
@@ -335,15 +360,9 @@ def _stringify(v: Any) -> str:
 
 
 def decode_feedback(value: bytes) -> tuple:
-    _require_utf8(value)
-    try:
-        ev = _feedback_decoder.decode(value)
-    except msgspec.ValidationError as exc:
-        raise InvalidEvent(f"invalid feedback: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise InvalidEvent(f"invalid JSON: {exc}") from None
-    created = _utc(ev.created_at, "created_at")
-    updated = _utc(ev.updated_at, "updated_at") if ev.updated_at is not None else created
+    ev = _decode(_feedback_decoder, value, "feedback")
+    created = _timestamp(ev.created_at, "created_at")
+    updated = _timestamp(ev.updated_at, "updated_at") if ev.updated_at is not None else created
     meta = ev.metadata or {}
     return (
         ev.id,
@@ -378,7 +397,7 @@ class AuditEvent(msgspec.Struct):
 
     request_id: Id
     phase: Literal["pending", "final"]
-    timestamp: datetime
+    timestamp: str  # parsed by _timestamp
     method: Literal["POST", "PUT", "PATCH", "DELETE"]
     uri: Annotated[str, msgspec.Meta(min_length=1, max_length=8192)]
     organisation_id: Short = ""  # empty: the request had no valid key
@@ -399,13 +418,7 @@ _audit_decoder = msgspec.json.Decoder(AuditEvent)
 
 
 def decode_audit(value: bytes) -> tuple:
-    _require_utf8(value)
-    try:
-        ev = _audit_decoder.decode(value)
-    except msgspec.ValidationError as exc:
-        raise InvalidEvent(f"invalid audit record: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise InvalidEvent(f"invalid JSON: {exc}") from None
+    ev = _decode(_audit_decoder, value, "audit record")
     if ev.phase == "pending" and ev.response_status_code != 0:
         raise InvalidEvent("a `pending` audit record has `response_status_code` 0 (its outcome is not known yet)")
     if ev.phase == "final" and ev.response_status_code < 100:
@@ -415,7 +428,7 @@ def decode_audit(value: bytes) -> tuple:
     return (
         ev.request_id,
         _PHASE_VERSION[ev.phase],
-        _epoch_seconds(_utc(ev.timestamp, "timestamp")),
+        _epoch_seconds(_timestamp(ev.timestamp, "timestamp")),
         ev.organisation_id,
         ev.workspace_id,
         ev.method,

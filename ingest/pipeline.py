@@ -92,6 +92,11 @@ class Validate:
             row = self.codec.encode(value)
         except InvalidEvent as exc:
             self.next.add(message, dead_letter=self.dlq.send(message, exc.reason))
+        except Exception as exc:  # a decoder bug that one input sets off
+            # Raised again, it would crash the consumer at this message after every restart and
+            # hold back the partition; dead-lettered, the event can be replayed once fixed.
+            log.exception("could not decode %s[%d]@%d; dead-lettering it", message.topic, message.partition, message.offset)
+            self.next.add(message, dead_letter=self.dlq.send(message, f"could not decode the event ({type(exc).__name__}: {exc})"))
         else:
             self.next.add(message, row=row)
 

@@ -31,7 +31,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from conftest import count_generations, read_topic, wait_until
 from factories import gateway_log, iso
 from ingest.dead_letter import TRUNCATE_TO, DeadLetterQueue
-from ingest.events import FEEDBACK, GENERATIONS, InvalidEvent, decode_feedback, decode_gateway_log
+from ingest.events import FEEDBACK, GENERATIONS, Codec, InvalidEvent, decode_feedback, decode_gateway_log
 from ingest.pipeline import Message, build_pipeline
 from ingest.producer import make_producer
 from ingest.sink import DirectSink, insert_rows
@@ -70,6 +70,9 @@ def good_feedback(org: str, rng: random.Random, **overrides: Any) -> dict:
 
 def _dumps(ev: Any) -> bytes:
     return orjson.dumps(ev)
+
+
+DEEP = b"[" * 1200 + b"]" * 1200  # valid JSON, 2.4 KB
 
 
 def gateway_corpus(org: str, seed: int = 1) -> list[Case]:
@@ -137,6 +140,18 @@ def gateway_corpus(org: str, seed: int = 1) -> list[Case]:
     mutated("_id as a number", lambda ev: ev.__setitem__("_id", 12345), "_id")
     mutated("request.headers as a list", lambda ev: ev["request"].__setitem__("headers", ["content-type"]), "request.headers")
 
+    # -- valid JSON nested deeper than the decoder recurses (msgspec raises RecursionError near 1,000 levels:
+    #    uncaught, it crashed the consumer at every restart and held back the events around it)
+    good = gateway_log(org, rng=rng)
+    raw("response.body nested 1,200 deep", _dumps(good).replace(b'"body":{"id":', b'"body":{"deep":' + DEEP + b',"id":', 1),
+        "nested", log_id=good["_id"])
+
+    def long_metrics_id(ev: dict) -> None:
+        del ev["_id"]
+        ev["metrics"]["id"] = "x" * 300
+
+    mutated("metrics.id of 300 characters", long_metrics_id, "id")
+
     # -- out of range
     mutated("negative cost", setm("cost", -0.01), "cost")
     mutated("negative tokens", setm("req_units", -5), "req_units")
@@ -199,6 +214,8 @@ def feedback_corpus(org: str, seed: int = 2) -> list[Case]:
     mutated("created_at in 1900", lambda ev: ev.__setitem__("created_at", "1900-05-01T00:00:00Z"), "created_at")
     ev = good_feedback(org, rng)
     cases.append(Case("truncated JSON", _dumps(ev)[:20], ("invalid JSON",), log_id=ev["id"]))
+    ev = good_feedback(org, rng, metadata={"k": "DEEP"})
+    cases.append(Case("metadata nested 1,200 deep", _dumps(ev).replace(b'"DEEP"', DEEP), ("nested",), log_id=ev["id"]))
     return cases
 
 
@@ -301,6 +318,37 @@ def test_pipeline_dead_letters_oversized_and_null(limit, settings, broker, wareh
     for h in headers:
         assert h["tollgate.source.topic"] == b"src"
         assert h["tollgate.source.partition"] == b"0"
+
+
+def test_a_decoder_bug_dead_letters_the_event_and_the_partition_moves_on(settings, broker, warehouse, org):
+    """An exception other than InvalidEvent from decoding (a bug that one input sets off) must not crash
+    the consumer, which would stop at that message after every restart: the event is dead-lettered with
+    the exception named, and the events around it are stored."""
+    rng = random.Random(6)
+    good = [_dumps(gateway_log(org, rng=rng)) for _ in range(2)]
+    poison = b'{"sets off": "the bug"}'
+
+    def buggy(value: bytes) -> tuple:
+        if value == poison:
+            raise KeyError("a decoder bug")
+        return decode_gateway_log(value)
+
+    codec = Codec(GENERATIONS.table, GENERATIONS.columns, buggy)
+    producer = make_producer(broker.bootstrap)
+    committed: dict = {}
+    pipe = build_pipeline(codec, DirectSink(settings.warehouse_dsn), DeadLetterQueue(producer, settings.topic_dead_letter),
+                          committed.update, batch_size=1000, batch_seconds=60, max_event_bytes=MAX_EVENT_BYTES)
+    for offset, value in enumerate([good[0], poison, good[1]]):
+        pipe.submit(Message("src", 0, offset, value))
+    pipe.join(30)
+    pipe.close()
+    producer.close()
+
+    assert committed == {("src", 0): 3}
+    assert count_generations(warehouse, org) == 2
+    (letter,) = read_topic(broker.bootstrap, settings.topic_dead_letter, 1)
+    assert letter.value == poison
+    assert b"KeyError" in dict(letter.headers)["tollgate.reason"]
 
 
 # --------------------------------------------------------------------------- property tests

@@ -5,8 +5,12 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime
 
+import orjson
+
 from conftest import count_generations, publish, wait_until
 from factories import gateway_log
+from ingest.events import GENERATIONS
+from ingest.sink import insert_rows
 
 
 def test_log_object_round_trip(settings, producer, workers, api, warehouse, org, make_key):
@@ -63,3 +67,66 @@ def test_stored_types_are_the_documented_ones(warehouse):
     ddl = warehouse.command("SELECT create_table_query FROM system.tables WHERE database = currentDatabase() AND name = 'generations'")
     assert "ZSTD(3)" in ddl and "PARTITION BY toDate(created_at)" in ddl
     assert "ORDER BY (organisation_id, workspace_slug, created_at, id)" in ddl
+
+
+def test_request_body_is_any_json(settings, producer, workers, api, warehouse, org, make_key):
+    """docs/events.md: the request's `body` is any JSON (a text-completion prompt, a raw payload):
+    a string or an array is stored and served back as given, not dead-lettered."""
+    rng = random.Random(8)
+    bodies = ["plain text prompt", [{"role": "user", "content": "hi"}], 42]
+    events = []
+    for body in bodies:
+        ev = gateway_log(org, rng=rng)
+        ev["request"]["body"] = body
+        events.append(ev)
+    publish(producer, settings.topic_gateway_logs, events)
+    assert wait_until(lambda: count_generations(warehouse, org) == len(events))
+    key = make_key(org)
+    for ev in events:
+        got = api.get(f"/v1/logs/{ev['_id']}", headers={"x-portkey-api-key": key})
+        assert got.status_code == 200, got.text
+        assert got.json()["request"]["body"] == ev["request"]["body"]
+
+
+def _stored_ms(warehouse, org) -> dict[str, int]:
+    return dict(warehouse.query("SELECT id, toUnixTimestamp64Milli(created_at) FROM generations FINAL "
+                                "WHERE organisation_id = {o:String}", parameters={"o": org}).result_rows)
+
+
+def test_digits_past_the_millisecond_are_truncated(warehouse, org):
+    """docs/events.md: created_at is stored with millisecond precision, sub-millisecond digits truncated,
+    however many there are (RFC 3339 allows any number; nanosecond clocks write nine). Rounding to the
+    microsecond first would make …59.9999996 the next second, here the next day (another partition)."""
+    ten, last = datetime(2026, 11, 20, 10, tzinfo=UTC), datetime(2026, 11, 20, 23, 59, 59, tzinfo=UTC)
+    cases = {  # text → (the UTC second, the milliseconds its digits give)
+        "2026-11-20T10:00:00.1239996Z": (ten, 123),
+        "2026-11-20T23:59:59.999999999Z": (last, 999),
+        "2026-11-20T23:59:59.9995+00:00": (last, 999),
+        "2026-11-21T05:29:59.999999999+05:30": (last, 999),
+        "2026-11-20T10:00:00.5Z": (ten, 500),
+        "2026-11-20T10:00:00Z": (ten, 0),
+    }
+    rows = []
+    for i, text in enumerate(cases):
+        ev = gateway_log(org, rng=random.Random(i))
+        ev["_id"] = ev["metrics"]["id"] = f"ts-{i}"
+        ev["created_at"] = text
+        rows.append(GENERATIONS.encode(orjson.dumps(ev)))
+    insert_rows(warehouse, GENERATIONS, rows)
+    assert _stored_ms(warehouse, org) == {f"ts-{i}": int(second.timestamp()) * 1000 + ms for i, (second, ms) in enumerate(cases.values())}
+
+
+def test_identity_is_id_timestamp_and_workspace(warehouse, org):
+    """docs/events.md: a re-sent event (same id, timestamp and workspace) is the same generation, whatever
+    else changed; the workspace is part of the identity (the table's sorting key), so an event re-sent
+    under another workspace is a second generation."""
+    ev = gateway_log(org, workspace="ws-a", rng=random.Random(13))
+    changed = orjson.loads(orjson.dumps(ev))
+    changed["metrics"]["cost"] = 99.0
+    moved = orjson.loads(orjson.dumps(ev))
+    moved["metrics"]["workspace_slug"] = "ws-b"
+    insert_rows(warehouse, GENERATIONS, [GENERATIONS.encode(orjson.dumps(e)) for e in (ev, changed)])
+    assert count_generations(warehouse, org) == 1
+    assert warehouse.command("SELECT cost FROM generations FINAL WHERE organisation_id = {o:String}", parameters={"o": org}) == 99.0
+    insert_rows(warehouse, GENERATIONS, [GENERATIONS.encode(orjson.dumps(moved))])
+    assert count_generations(warehouse, org) == 2

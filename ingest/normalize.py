@@ -82,6 +82,8 @@ def decode(body: bytes) -> list[CustomLog]:
         raise InvalidLog(f"invalid custom log: {exc}{where}") from None
     except msgspec.DecodeError as exc:
         raise InvalidLog(f"malformed JSON: {exc}") from None
+    except RecursionError:  # msgspec recurses into nested arrays and objects, raw bodies included
+        raise InvalidLog("malformed JSON: nested too deeply") from None
     return parsed if isinstance(parsed, list) else [parsed]
 
 

@@ -25,7 +25,9 @@ _MAX_TS = datetime(2200, 1, 1, tzinfo=UTC)
 _UINT32_MAX = 4_294_967_295
 
 NonNeg = Annotated[int, msgspec.Meta(ge=0, le=4_294_967_295)]
-NonNegF = Annotated[float, msgspec.Meta(ge=0)]
+# A request's cost in cents: at most 10^12 ($10 billion), far beyond any real request, so that sums over
+# millions of requests stay exact integers of cents in analytics (Int64) instead of overflowing.
+Cost = Annotated[float, msgspec.Meta(ge=0, le=1e12)]
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Short = Annotated[str, msgspec.Meta(max_length=1024)]
 Status = Annotated[int, msgspec.Meta(ge=100, le=599)]
@@ -57,7 +59,7 @@ class AnalyticsMetrics(msgspec.Struct, forbid_unknown_fields=False, gc=False):
     req_units: Units | None = None
     res_units: Units | None = None
     total_units: Units | None = None
-    cost: NonNegF | None = None
+    cost: Cost | None = None
     cost_currency: Short | None = None
     request_url: str | None = None
     request_method: Short | None = None

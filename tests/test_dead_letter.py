@@ -154,6 +154,7 @@ def gateway_corpus(org: str, seed: int = 1) -> list[Case]:
 
     # -- out of range
     mutated("negative cost", setm("cost", -0.01), "cost")
+    mutated("cost above 10^12 cents", setm("cost", 1.5e12), "cost")
     mutated("negative tokens", setm("req_units", -5), "req_units")
     mutated("response.status 99", lambda ev: ev["response"].__setitem__("status", 99), "status")
     mutated("response.status 600", lambda ev: ev["response"].__setitem__("status", 600), "status")

@@ -6,6 +6,7 @@ message name the parameter. docs/analytics.md is the contract.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ MAX_LIST_ITEMS = 1_000
 # (upper bound of the window length, granularity): the first that fits wins.
 AUTO_GRANULARITY = ((timedelta(hours=2), "minute"), (timedelta(days=2), "hour"), (timedelta(days=92), "day"))
 
+UINT64_MAX = 2**64 - 1
 RANGES = {  # parameter prefix → (integer?, lowest allowed, highest allowed)
     "total_units": (True, 0, None),
     "prompt_token": (True, 0, None),
@@ -124,7 +126,11 @@ def parse_range(request: Request, prefix: str, integer: bool, low: float | None,
     bounds = []
     for name in (min_name, max_name):
         raw = _first(request, name)
-        bounds.append(None if raw is None else parse_number(name, raw, integer, low, high))
+        bound = None if raw is None else parse_number(name, raw, integer, low, high)
+        if integer and bound is not None:
+            # Bound as UInt64, where a larger value would wrap around; every stored count is far below.
+            bound = min(bound, UINT64_MAX)
+        bounds.append(bound)
     if bounds[0] is not None and bounds[1] is not None and bounds[0] > bounds[1]:
         raise invalid(min_name, f"must not exceed {max_name}", request.query_params.get(min_name))
     return bounds[0], bounds[1]
@@ -149,12 +155,31 @@ def parse_metadata(raw: str | None) -> tuple[tuple[str, str], ...]:
         raise invalid("metadata", "not valid JSON (expected an object like {\"_user\": \"alice\"})", raw[:200]) from None
     if not isinstance(value, dict):
         raise invalid("metadata", "must be a JSON object of key/value pairs", raw[:200])
+    repeated = _repeated_key(raw)
+    if repeated is not None:  # a JSON parser keeps one of the values: the filter would silently lose a pair
+        raise invalid("metadata", f"the key {repeated!r} appears more than once", raw[:200])
     pairs = []
     for key, item in value.items():
         if isinstance(item, (dict, list)) or item is None:
             raise invalid("metadata", f"the value of {key!r} must be a string, number or boolean", raw[:200])
         pairs.append((key, item if isinstance(item, str) else orjson.dumps(item).decode()))
     return tuple(pairs)
+
+
+def _repeated_key(raw: str) -> str | None:
+    """A key that the top-level object of this (valid) JSON text has twice, if any."""
+    seen: list[str] = []
+
+    def pairs(items: list[tuple[str, object]]) -> dict:
+        nonlocal seen
+        seen = [k for k, _ in items]  # the top-level object is the last one the decoder closes
+        return dict(items)
+
+    try:
+        json.loads(raw, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):  # orjson accepted it; nothing more to learn here
+        return None
+    return next((k for i, k in enumerate(seen) if k in seen[:i]), None)
 
 
 def parse_filters(request: Request) -> Filters:
@@ -171,7 +196,7 @@ def parse_filters(request: Request) -> Filters:
 
     status_codes = []
     for item in parse_list(request, "status_code"):
-        if not item.isdigit() or not 100 <= int(item) <= 599:
+        if not (item.isascii() and item.isdigit()) or not 100 <= int(item) <= 599:  # '²'.isdigit() too
             raise invalid("status_code", f"{item!r} is not an HTTP status code (100–599)", request.query_params.get("status_code"))
         status_codes.append(int(item))
 

@@ -119,12 +119,14 @@ def compile_where(f: Filters, scope: TenantScope) -> Where:
     if low is not None or high is not None:
         # The trace's weighted feedback from its per-trace sums (feedback_traces, 0021), as
         # in the feedback queries of warehouse/queries/analytics.py.
-        test = ["weight_sum > 0"]
+        # Weighted feedback over a total weight of 0 is 0, as everywhere (docs/analytics.md).
+        average = "if(weight_sum > 0, weighted_sum / weight_sum, 0)"
+        test = []
         if low is not None:
-            test.append("weighted_sum / weight_sum >= {wf_min:Float64}")
+            test.append(f"{average} >= {{wf_min:Float64}}")
             params["wf_min"] = low
         if high is not None:
-            test.append("weighted_sum / weight_sum <= {wf_max:Float64}")
+            test.append(f"{average} <= {{wf_max:Float64}}")
             params["wf_max"] = high
         parts.append(
             "trace_hash IN (SELECT trace_hash FROM feedback_traces FINAL WHERE organisation_id = {scope_org:String} "

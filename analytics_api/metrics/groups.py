@@ -4,7 +4,6 @@ feedback aggregates per group, then sorting and paging."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
 
 import polars as pl
 import pyarrow as pa
@@ -16,10 +15,14 @@ HITS = col("simple_hits") + col("semantic_hits")
 
 
 def decimals(expr: pl.Expr, places: int) -> pl.Expr:
-    """Rounded to ``places`` decimals, halves away from zero (as :func:`iround`)."""
-    scale = 10**places
+    """Rounded to ``places`` decimals, halves away from zero, as the value's decimal digits read.
+
+    The scaled value is first rounded to 6 decimals: a sum of costs carries binary noise
+    (0.00015·10⁴ is 1.4999999999999998), which would otherwise round a decimal half down.
+    All in floats, so that no huge value overflows an integer cast."""
+    scaled = (expr.cast(pl.Float64) * 10**places).round(6)
     # The final round() removes the noise of Polars dividing by multiplying with 1/scale.
-    return (iround(expr * scale).cast(pl.Float64) / scale).round(places)
+    return (((scaled.abs() + 0.5).floor() * scaled.sign()) / 10**places).round(places)
 
 
 def utc_text(name: str) -> pl.Expr:
@@ -64,8 +67,8 @@ DEFAULT_COLUMNS = ("requests", "cost", "tokens", "avg_latency", "errors", "last_
 
 # The spec's own group shapes: field → expression. The spec types users' and
 # ai-models' requests and cost as strings: they are sorted as numbers, then formatted.
-USERS_FIELDS = {"requests": col("requests").cast(pl.Int64), "cost": col("cost")}
-AS_STRINGS = {"requests": str, "cost": lambda v: str(Decimal(repr(v)).quantize(Decimal("0.0001"), ROUND_HALF_UP))}
+USERS_FIELDS = {"requests": col("requests").cast(pl.Int64), "cost": decimals(col("cost"), 4)}
+AS_STRINGS = {"requests": str, "cost": lambda v: f"{v:.4f}"}  # the cost column's 4 decimals, as text
 METADATA_FIELDS = {
     "requests": col("requests").cast(pl.Int64),
     "cost": iround(col("cost")),
@@ -106,7 +109,7 @@ def respond(rows: pl.DataFrame, key_name: str, fields: dict[str, pl.Expr], page:
     shaped = rows.select(col("key").alias(key_name), *(e.alias(n) for n, e in fields.items()))
     sort_cols = [page.order_by] if page.order_by == key_name else [page.order_by, key_name]
     shaped = shaped.sort(sort_cols, descending=[page.descending, False][: len(sort_cols)], nulls_last=True)
-    start = page.current_page * page.page_size
+    start = min(page.current_page * page.page_size, shaped.height)  # past the end: an empty page
     data = shaped.slice(start, page.page_size).with_columns(pl.lit("analytics-group").alias("object")).to_dicts()
     for name, fmt in (formats or {}).items():
         for row in data:

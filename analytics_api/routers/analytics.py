@@ -125,7 +125,7 @@ def group_ai_models(request: Request, aq: AnalyticsQuery = Depends(window_query)
     return _requests_and_cost(request, aq, "model", "ai_model")
 
 
-@router.get("/groups/metadata/{metadataKey}", summary="requests, cost, tokens and feedback per metadata value")
+@router.get("/groups/metadata/{metadataKey:path}", summary="requests, cost, tokens and feedback per metadata value")
 def group_metadata(metadataKey: str, request: Request, aq: AnalyticsQuery = Depends(window_query)) -> dict:  # noqa: N803 (spec name)
     if not metadataKey or len(metadataKey) > 256:
         raise invalid("metadataKey", "must be 1–256 characters", metadataKey[:300])

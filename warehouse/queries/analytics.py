@@ -83,11 +83,17 @@ FINAL_SETTINGS = {
     # in `generations` are identical (redeliveries), and `feedback` is only filtered
     # by its sorting key (organisation_id).
     "optimize_move_to_prewhere_if_final": 1,
+    # toStartOfHour(DateTime64) is a DateTime64, toMonday(DateTime64) a Date32 (see bucket_sql).
+    "enable_extended_results_for_datetime_functions": 1,
 }
 
 
 def bucket_sql(column: str, granularity: str) -> str:
-    """Bucket start, as epoch seconds of the wall clock at ``{tz_offset:Int32}``."""
+    """Bucket start, as epoch seconds of the wall clock at ``{tz_offset:Int32}``.
+
+    Computed in DateTime64 and Date32 (``enable_extended_results_for_datetime_functions``
+    in FINAL_SETTINGS): DateTime and Date would saturate outside 1970..2106 (2149 for
+    dates), where stored requests (1970..2200) and their wall clocks (1969 west of UTC) lie."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity {granularity!r}")
     local = f"({column} + toIntervalSecond({{tz_offset:Int32}}))"
@@ -95,10 +101,10 @@ def bucket_sql(column: str, granularity: str) -> str:
         "minute": f"toStartOfMinute({local})",
         "hour": f"toStartOfHour({local})",
         "day": f"toStartOfDay({local})",
-        "week": f"toDateTime(toMonday({local}), 'UTC')",
-        "month": f"toDateTime(toStartOfMonth({local}), 'UTC')",
+        "week": f"toDateTime64(toMonday({local}), 3, 'UTC')",
+        "month": f"toDateTime64(toStartOfMonth({local}), 3, 'UTC')",
     }[granularity]
-    return f"toInt64(toUnixTimestamp({start}))"
+    return f"intDiv(toUnixTimestamp64Milli({start}), 1000)"
 
 
 def _group_condition(group: str, condition: str, params: dict, metadata_key: str | None) -> tuple[str, str]:

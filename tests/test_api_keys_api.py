@@ -262,3 +262,28 @@ def test_portkey_sdk_manages_keys(live_url, make_key, org):
     assert httpx.get(graph, params=WINDOW, headers={HEADER: made.key}).status_code == 401
     with pytest.raises(NotFoundError):
         client.api_keys.retrieve(id=made.id)
+
+
+def test_rotating_a_key_with_scopes_the_caller_lacks_is_refused(api, make_key, org):
+    """api_keys.write is not a way to more access: rotating returns the key's new secret, so a caller may
+    only rotate keys whose scopes it holds (it could not create such a key either)."""
+    admin = make_key(org)
+    manager = make_key(org, scopes=["api_keys.read", "api_keys.write"])
+    assert call(api, "POST", "/organisation/service", manager, {"scopes": ["analytics.read"]}).status_code == 403
+    powerful = create(api, admin, {"name": "ops", "scopes": list(SCOPES)}).json()["id"]
+    r = call(api, "POST", f"/{powerful}/rotate", manager)
+    assert r.status_code == 403 and "analytics.read" in r.text, r.text
+    peer = create(api, admin, {"name": "peer", "scopes": ["api_keys.read"]}).json()["id"]
+    rotated = call(api, "POST", f"/{peer}/rotate", manager)
+    assert rotated.status_code == 200 and rotated.json()["key"], rotated.text
+
+
+def test_a_revocation_is_final_even_against_a_change_that_read_the_key_before_it(warehouse, make_key, org):
+    """A rotation or update reads the key, then writes its next version. A revocation landing in between
+    must stand: the revoked version outranks any later change of the stale row."""
+    kid = key_id(warehouse, make_key(org))
+    stale = api_keys.get(warehouse, org, None, kid)
+    api_keys.write_version(warehouse, stale, status="revoked")
+    api_keys.write_version(warehouse, stale, key_hash=hash_key("tg-" + "0" * 48), name="renamed")  # the racing change
+    assert api_keys.get(warehouse, org, None, kid) is None
+    assert api_keys.find_by_hash(warehouse, hash_key("tg-" + "0" * 48)) is None  # the racing rotation's secret never works

@@ -82,10 +82,15 @@ def _grantable(scopes: list[str], principal: Principal) -> list[str]:
         scopes = validate_scopes(scopes)
     except ValueError as exc:
         raise invalid("scopes", str(exc), loc=("body", "scopes")) from None
+    _require_held(scopes, principal, "grant")
+    return scopes
+
+
+def _require_held(scopes, principal: Principal, verb: str) -> None:
+    """api_keys.write is not a way to more access: a caller only grants (or gets the secret of) scopes it holds."""
     missing = [s for s in scopes if s not in principal.scopes]
     if missing:
-        raise HTTPException(403, f"this API key cannot grant scopes it does not hold: {', '.join(missing)}")
-    return scopes
+        raise HTTPException(403, f"this API key cannot {verb} scopes it does not hold: {', '.join(missing)}")
 
 
 def _load(request: Request, principal: Principal, key_id: str) -> ApiKeyRow:
@@ -107,6 +112,7 @@ def rotate_key(id: str, request: Request, payload: Any = Body(None),
                principal: Principal = Depends(require("api_keys.write"))) -> dict:
     _refuse_unsupported(payload)
     row = _load(request, principal, id)
+    _require_held(row.scopes, principal, "rotate a key (and get its secret) with")
     key = new_key()
     _write(request, row, key_hash=hash_key(key))
     return {"id": row.id, "key": key, "object": "api-key"}

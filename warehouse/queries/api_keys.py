@@ -58,9 +58,18 @@ def insert(client: Client, *, key_hash: str, organisation_id: str, workspace_slu
     return row
 
 
+# Versions are nanosecond clocks (below 2**63). A revocation is final: its version is above every
+# version a change can get, so a change (a rotation, an update) that read the key before the
+# revocation and writes after it cannot bring the key back.
+FINAL_VERSION = 2**63
+
+
 def write_version(client: Client, current: ApiKeyRow, **changes) -> ApiKeyRow:
     """Store a new version of ``current`` with ``changes``; it supersedes every earlier one."""
-    row = dataclasses.replace(current, **changes, updated_at=datetime.now(UTC), version=max(time.time_ns(), current.version + 1))
+    version = max(time.time_ns(), current.version + 1)
+    if changes.get("status") == "revoked":
+        version += FINAL_VERSION
+    row = dataclasses.replace(current, **changes, updated_at=datetime.now(UTC), version=version)
     client.insert("api_keys", [row.values()], column_names=ALL_COLUMNS)
     return row
 

@@ -32,6 +32,7 @@ from urllib.parse import parse_qsl
 import orjson
 from fastapi import FastAPI, HTTPException
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -246,7 +247,9 @@ class AuditMiddleware:
 
     def _record(self, scope: Scope, body: bytes, request_id: str, state) -> dict:
         headers = masked_headers(scope)
-        principal = _principal(state, dict(scope["headers"]).get(HEADER.encode()))
+        # The first key header, as the routes' authentication reads it (Headers.get): with two, the
+        # record must name the key that acted, not the other one.
+        principal = _principal(state, Headers(scope=scope).get(HEADER))
         resource_type, action = classify(scope["method"], scope["path"])
         peer = (scope.get("client") or ("", 0))[0]
         ip = client_ip(peer, headers.get("x-forwarded-for"), self.trusted)
@@ -274,12 +277,12 @@ class AuditMiddleware:
         state.publisher.publish(self.topic, [orjson.dumps(record)], [record["request_id"].encode()])
 
 
-def _principal(state, key: bytes | None) -> Principal | None:
+def _principal(state, key: str | None) -> Principal | None:
     """Who sent the request, for the record (the route's own auth decides what it may do)."""
     if not key:
         return None
     try:
-        return state.keys.verify(key.decode("latin-1"))
+        return state.keys.verify(key)
     except Exception:  # warehouse trouble: the route answers it; the record names no one
         log.exception("could not verify the API key for the audit record")
         return None

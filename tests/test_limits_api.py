@@ -302,3 +302,30 @@ def test_user_values_are_bound_never_sql(lapi, lsettings, workers, warehouse, pr
         assert r.status_code == 200 and r.json()["total"] == 1
     assert entities(lapi, key, odd_key) == {}
     assert count_generations(warehouse, org) == len(events)
+
+
+def test_a_change_racing_a_delete_does_not_bring_the_policy_back(api, warehouse, make_key, org):
+    """A DELETE that lands between a PUT's read and its write (made here at the moment the PUT asks the
+    API's clock, after it read the policy) must stand: archiving outranks any later change of the stale
+    row, so the limits job never counts the policy again."""
+    from datetime import UTC, datetime
+
+    from warehouse.queries import policies as pq
+
+    admin = make_key(org)
+    pid = api.post("/v1/policies/usage-limits", json=USAGE, headers={"x-portkey-api-key": admin}).json()["id"]
+    armed = [True]
+
+    def clock():
+        now = datetime.now(UTC)
+        if armed.pop() if armed else False:  # once: what DELETE /v1/policies/usage-limits/{id} writes
+            pq.write_version(warehouse, pq.get(warehouse, "usage_limits", org, None, pid), status="archived",
+                             updated_at=now, changed_by="concurrent-delete")
+        return now
+
+    api.app.state.limits_clock = clock
+    r = api.put(f"/v1/policies/usage-limits/{pid}", json={"name": "renamed"}, headers={"x-portkey-api-key": admin})
+    assert not armed and r.status_code == 200, r.text
+    assert pq.get(warehouse, "usage_limits", org, None, pid).status == "archived"
+    assert pid not in {p.id for p in pq.active(warehouse, [org])}
+    assert api.get(f"/v1/policies/usage-limits/{pid}", headers={"x-portkey-api-key": admin}).status_code == 404

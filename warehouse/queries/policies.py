@@ -95,9 +95,16 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
+# Versions are nanosecond clocks (below 2**63). Archiving is final: its version is above every
+# version a change can get, so a change that read the policy before the archive and writes after
+# it cannot bring the policy back (the limits job would count it again).
+FINAL_VERSION = 2**63
+
+
 def write_version(client: Client, current: PolicyRow, **changes) -> PolicyRow:
     """Store ``current`` with ``changes`` as its next version."""
-    row = dataclasses.replace(current, **changes, version=next_version(current.version))
+    version = next_version(current.version) + (FINAL_VERSION if changes.get("status") == "archived" else 0)
+    row = dataclasses.replace(current, **changes, version=version)
     return insert(client, row)
 
 

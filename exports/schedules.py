@@ -44,6 +44,7 @@ import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
@@ -156,7 +157,10 @@ def window_directory(schedule: q.ScheduleRow, start: datetime) -> str:
 
 
 def schedule_root(schedule: q.ScheduleRow) -> str:
-    org = re.sub(r"[^A-Za-z0-9_.-]", "_", schedule.organisation_id) or "_"
+    """``schedules/<organisation>/<prefix>``. The organisation id is percent-encoded, dots included:
+    one path segment per organisation, never `.` or `..`, and two organisations never share one
+    (mapping characters to `_` made `acme corp` and `acme_corp` one directory)."""
+    org = quote(schedule.organisation_id, safe="").replace(".", "%2E") or "_"
     return f"schedules/{org}/{schedule.prefix}"
 
 

@@ -326,3 +326,25 @@ def test_apscheduler_runs_due_windows_and_follows_changes(hours, settings, tmp_p
         finally:
             api.delete(f"/v1/logs/exports/schedules/{schedule['id']}", headers=h(key))
             scheduler.shutdown(wait=True)
+
+
+def test_two_organisations_never_share_a_schedule_directory():
+    """A schedule's prefix is unique within its organisation only, so the organisation's directory must be
+    one per organisation: `acme corp` and `acme_corp` were one (characters outside [A-Za-z0-9_.-] became `_`),
+    and one's backfill replaced the other's files."""
+    from warehouse.queries.exports import ScheduleRow
+
+    def root(org: str) -> str:
+        now = datetime(2026, 11, 20, tzinfo=UTC)
+        return schedules.schedule_root(ScheduleRow(
+            id="s", organisation_id=org, workspace_slug="default", created_by="k", description="", cron="0 * * * *",
+            timezone="UTC", window_kind="hour", filters="{}", requested_data=("id",), format="jsonl", destination="local",
+            prefix="lake", status="active", start_at=now, created_at=now, updated_at=now, version=1))
+
+    orgs = ["acme corp", "acme_corp", "acme/corp", "acme%20corp", "ünï", "___", ".", "..", "a.b", "a%2Eb", "org-1"]
+    roots = [root(o) for o in orgs]
+    assert len(set(roots)) == len(orgs), roots
+    for r in roots:
+        segment = r.split("/")[1]
+        assert r == f"schedules/{segment}/lake" and segment not in (".", "..") and "/" not in segment
+    assert root("org-1") == "schedules/org-1/lake"  # plain ids keep their directory

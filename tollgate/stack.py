@@ -121,7 +121,8 @@ def kafka_bootstrap(settings: Settings) -> str:
 
 
 def ensure_admin_key(settings: Settings, client) -> str | None:
-    """On first start with no keys, create an organisation admin key and return it."""
+    """When no key is active (first start, or every key revoked or disabled), create an organisation
+    admin key and return it: the operator, who holds the data dir, is never locked out."""
     if api_keys.count(client) > 0:
         return None
     key = new_key()

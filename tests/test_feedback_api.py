@@ -312,3 +312,18 @@ def test_portkey_sdk_creates_and_updates_feedback(live_url, workers, warehouse, 
     assert updated.feedback_ids == [ids[1]]
     assert wait_until(lambda: stored(warehouse, org)[ids[1]]["value"] == 6)
     assert stored(warehouse, org)[ids[1]]["weight"] == 0.75
+
+
+def test_updates_right_after_the_post_and_each_other_build_on_each_other(settings, workers, api, warehouse, make_key, org):
+    """Feedback is read back from ClickHouse, behind Kafka by the ingest lag. An update right after the POST
+    (not stored yet) is no 404, and a second update right after a first keeps the fields the first set
+    (they are left out of the second): the API builds on the newest version it published itself."""
+    key = make_key(org, scopes=["feedback.write"])
+    (fid,) = post(api, key, {"trace_id": "quick-1", "value": 1, "weight": 1.0, "metadata": {"a": "1"}}).json()["feedback_ids"]
+    first = put(api, key, fid, {"value": 2, "weight": 0.25, "metadata": {"b": "2"}})
+    second = put(api, key, fid, {"value": 7})
+    assert (first.status_code, second.status_code) == (200, 200), (first.text, second.text)
+    sentinel(api, key, warehouse, org)  # everything produced before it is stored
+    row = stored(warehouse, org)[fid]
+    assert (row["value"], row["weight"], row["metadata"], row["trace_id"]) == (7, 0.25, {"b": "2"}, "quick-1")
+    assert put(api, make_key(org, workspace="ws-1", scopes=["feedback.write"]), fid, {"value": 0}).status_code == 404

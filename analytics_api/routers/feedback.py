@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -81,6 +82,41 @@ def _later_than(stored: datetime) -> str:
     return _iso(datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms))
 
 
+class _Published:
+    """The feedback events this process published lately, by (organisation, id): what an update builds
+    on when ingest has not stored them yet (feedback is read back from ClickHouse, which is behind Kafka
+    by the ingest lag). Without it, a second update right after a first would rebuild the omitted fields
+    from the version before the first, undoing it, and an update right after the POST would be a 404."""
+
+    def __init__(self, size: int = 10_000):
+        self.size = size
+        self._events: OrderedDict[tuple[str, str], dict] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, events: list[dict]) -> None:
+        with self._lock:
+            for event in events:
+                key = (event["organisation_id"], event["id"])
+                self._events[key] = event
+                self._events.move_to_end(key)
+            while len(self._events) > self.size:
+                self._events.popitem(last=False)
+
+    def get(self, principal: Principal, feedback_id: str) -> dict | None:
+        with self._lock:
+            event = self._events.get((principal.organisation_id, feedback_id))
+        if event is None or (principal.workspace_slug is not None and event.get("workspace_slug", "") != principal.workspace_slug):
+            return None  # the tenant rule of get_feedback: a workspace key sees its own workspace only
+        return event
+
+
+_published = _Published()
+
+
+def _version_ms(event: dict) -> int:
+    return _epoch_ms(datetime.fromisoformat(event.get("updated_at") or event["created_at"]))
+
+
 def _encode(events: list[dict], max_bytes: int, single: bool) -> list[bytes]:
     """The events as JSON, each within what ingest accepts (larger ones would be dead-lettered)."""
     values = []
@@ -130,6 +166,7 @@ def create_feedback(
     values = _encode(events, settings.ingest_max_event_bytes, single)
     key = events[0]["id"].encode()  # one key: the request's events go to one partition, in one batch
     request.app.state.publisher.publish(settings.topic_feedback, values, [key] * len(values))
+    _published.add(events)
     ids = [e["id"] for e in events]
     return {"status": "success", "message": f"{len(ids)} feedback saved", "feedback_ids": ids}
 
@@ -147,16 +184,26 @@ def update_feedback(
     update = validate_body(FeedbackUpdateRequest, payload)
     with request.app.state.warehouse.borrow() as client:
         row = get_feedback(client, principal.scope, id)
-    if row is None:
+    current = None if row is None else {
+        "id": row["id"], "organisation_id": row["organisation_id"], "created_at": _iso(row["created_at"]),
+        "updated_at": _iso(row["updated_at"]), "trace_id": row["trace_id"], "weight": row["weight"],
+        "metadata": dict(zip(row["metadata.key"], row["metadata.value"])), "workspace_slug": row["workspace_slug"],
+    }
+    published = _published.get(principal, id)
+    if published is not None and (current is None or _version_ms(published) > _version_ms(current)):
+        current = published  # this process's newer version, not ingested yet
+    if current is None:
         raise HTTPException(404, f"feedback {id} not found")
     event = {
-        "id": row["id"], "organisation_id": row["organisation_id"], "created_at": _iso(row["created_at"]),
-        "updated_at": _later_than(row["updated_at"]), "trace_id": row["trace_id"], "value": update.value,
-        "weight": row["weight"] if update.weight is None else update.weight,
-        "metadata": dict(zip(row["metadata.key"], row["metadata.value"])) if update.metadata is None else update.metadata,
+        "id": current["id"], "organisation_id": current["organisation_id"], "created_at": current["created_at"],
+        "updated_at": _later_than(datetime.fromisoformat(current.get("updated_at") or current["created_at"])),
+        "trace_id": current["trace_id"], "value": update.value,
+        "weight": current.get("weight", 1.0) if update.weight is None else update.weight,
+        "metadata": (current.get("metadata") or {}) if update.metadata is None else update.metadata,
     }
-    if row["workspace_slug"]:
-        event["workspace_slug"] = row["workspace_slug"]
+    if current.get("workspace_slug"):
+        event["workspace_slug"] = current["workspace_slug"]
     values = _encode([event], settings.ingest_max_event_bytes, True)
-    request.app.state.publisher.publish(settings.topic_feedback, values, [row["id"].encode()])
-    return {"status": "success", "message": "feedback updated", "feedback_ids": [row["id"]]}
+    request.app.state.publisher.publish(settings.topic_feedback, values, [event["id"].encode()])
+    _published.add([event])
+    return {"status": "success", "message": "feedback updated", "feedback_ids": [event["id"]]}

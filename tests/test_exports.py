@@ -284,6 +284,22 @@ def test_lifecycle_edit_and_409s(local, dataset, make_key):
     assert local.get("/v1/logs/exports", headers=h(stranger)).json()["total"] == 0
 
 
+def test_an_update_that_names_no_workspace_keeps_the_exports(local, dataset, make_key):
+    """The SDK's update(export_id, filters=…) sends no workspace_id: the export stays in its workspace
+    (it moved to the default one, and its total and rows with it)."""
+    key = make_key(dataset["org"])
+    export_id = create(local, key, WINDOW, ["id"], workspace_id="other").json()["id"]
+    narrowed = {**WINDOW, "status_code": "200"}
+    r = local.put(f"/v1/logs/exports/{export_id}", json={"filters": narrowed}, headers=h(key))
+    assert r.status_code == 200, r.text
+    assert r.json()["total"] == len(selected_ids(dataset["events"], dataset["feedback"], dataset["org"], narrowed, workspace="other"))
+    item = local.get(f"/v1/logs/exports/{export_id}", headers=h(key)).json()
+    assert item["workspace_id"] == "other" and item["filters"]["status_code"] == "200"
+    # naming another workspace still moves it
+    r = local.put(f"/v1/logs/exports/{export_id}", json={"filters": WINDOW, "workspace_id": "default"}, headers=h(key))
+    assert r.status_code == 200 and local.get(f"/v1/logs/exports/{export_id}", headers=h(key)).json()["workspace_id"] == "default"
+
+
 def test_workspace_key_exports_its_workspace_only(local, dataset, make_key):
     key = make_key(dataset["org"], workspace="other")
     created, _ = run_export(local, key, {**WINDOW, "workspace_slug": "default"}, ["id"])

@@ -110,7 +110,8 @@ def update_export(exportId: str, request: Request, payload: Any = Body(None),
     body = _body(payload, creating=False)
     if job.status != "draft":
         raise HTTPException(409, f"export {job.id} is {job.status}: only a draft can be updated")
-    workspace, parsed = _scoped_filters(body, principal, _state(request).settings.default_workspace)
+    # A workspace left unnamed stays the export's own (the SDK's update sends none unless given).
+    workspace, parsed = _scoped_filters(body, principal, job.workspace_slug)
     columns = jobs.parse_columns(body["requested_data"]) if "requested_data" in body else list(job.requested_data)
     fmt = jobs.parse_format(body.get("format"), job.format)
     total = _count(request, parsed.selection)

@@ -12,11 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import orjson
+import msgspec
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 
 from analytics_api.auth import Principal, require
+from ingest.events import json_text
 from warehouse.filters import LIST_FILTERS, Filters, compile_where, Where
 from warehouse.queries.analytics import GRANULARITIES
 from warehouse.queries.scope import TenantScope
@@ -150,8 +151,8 @@ def parse_metadata(raw: str | None) -> tuple[tuple[str, str], ...]:
     if raw is None or not raw.strip():
         return ()
     try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        value = msgspec.json.decode(raw)  # integers beyond 64 bits stay integers (orjson made them floats)
+    except (msgspec.DecodeError, RecursionError):
         raise invalid("metadata", "not valid JSON (expected an object like {\"_user\": \"alice\"})", raw[:200]) from None
     if not isinstance(value, dict):
         raise invalid("metadata", "must be a JSON object of key/value pairs", raw[:200])
@@ -162,7 +163,7 @@ def parse_metadata(raw: str | None) -> tuple[tuple[str, str], ...]:
     for key, item in value.items():
         if isinstance(item, (dict, list)) or item is None:
             raise invalid("metadata", f"the value of {key!r} must be a string, number or boolean", raw[:200])
-        pairs.append((key, item if isinstance(item, str) else orjson.dumps(item).decode()))
+        pairs.append((key, json_text(item)))
     return tuple(pairs)
 
 
@@ -177,7 +178,7 @@ def _repeated_key(raw: str) -> str | None:
 
     try:
         json.loads(raw, object_pairs_hook=pairs)
-    except (ValueError, RecursionError):  # orjson accepted it; nothing more to learn here
+    except (ValueError, RecursionError):  # msgspec accepted it; nothing more to learn here
         return None
     return next((k for i, k in enumerate(seen) if k in seen[:i]), None)
 

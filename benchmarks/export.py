@@ -159,7 +159,7 @@ def phase_export(data_dir: Path, columns: list[str], s3: dict | None, part_rows:
     pool = ClientPool(settings.warehouse_dsn, size=1)
     parsed = jobs.parse_filters(WINDOW, TenantScope(ORG, WORKSPACE))
     job = jobs.new_job(organisation_id=ORG, workspace_slug=WORKSPACE, created_by="bench", description="bench",
-                       filters=parsed.normalized, requested_data=columns, fmt="parquet",
+                       filters=parsed.text(), requested_data=columns, fmt="parquet",
                        dest=settings.export_destination, total=0)
     with pool.borrow() as client:
         q.write_job(client, jobs.next_version(job, "in_progress", started_at=datetime.now(UTC)))

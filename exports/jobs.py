@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import orjson
 from fastapi.exceptions import RequestValidationError
 
@@ -85,6 +86,10 @@ class ParsedFilters:
     selection: q.Selection
     normalized: dict[str, Any]  # what the job stores and shows
 
+    def text(self) -> str:
+        """``normalized`` as the JSON text a job or schedule stores (msgspec: integers beyond 64 bits too)."""
+        return msgspec.json.encode(self.normalized).decode()
+
 
 def parse_filters(raw: Any, scope: TenantScope, *, windowless: bool = False) -> ParsedFilters:
     """``filters`` of a request body → the analytics Filters (their validation, their 422s, named
@@ -108,7 +113,7 @@ def parse_filters(raw: Any, scope: TenantScope, *, windowless: bool = False) -> 
             if isinstance(value, str):
                 values[name] = value
             elif isinstance(value, dict):
-                values[name] = orjson.dumps(value).decode()
+                values[name] = msgspec.json.encode(value).decode()  # integers beyond 64 bits too
             else:
                 raise invalid("filters.metadata", "must be an object of key/value pairs")
         elif name in LIST_FILTERS:
@@ -191,11 +196,11 @@ def job_directory(job_id: str) -> str:
     return f"exports/{job_id}"
 
 
-def new_job(*, organisation_id: str, workspace_slug: str, created_by: str, description: str, filters: dict,
+def new_job(*, organisation_id: str, workspace_slug: str, created_by: str, description: str, filters: str,
             requested_data: list[str], fmt: str, dest: str, total: int) -> q.JobRow:
     now = datetime.now(UTC)
     return q.JobRow(str(uuid.uuid4()), organisation_id, workspace_slug, created_by, description,
-                    orjson.dumps(filters).decode(), tuple(requested_data), fmt, dest, "draft", total, 0, "[]", "",
+                    filters, tuple(requested_data), fmt, dest, "draft", total, 0, "[]", "",
                     now, now, None, None, q.job_version("draft"))
 
 

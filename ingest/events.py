@@ -352,7 +352,10 @@ class FeedbackEvent(msgspec.Struct):
 _feedback_decoder = msgspec.json.Decoder(FeedbackEvent)
 
 
-def _stringify(v: Any) -> str:
+def json_text(v: Any) -> str:
+    """A metadata value as text: a string as it is, anything else as its JSON text. One encoding for
+    every path that stores or matches metadata (feedback, custom logs, the analytics and export
+    filters), so that a value is stored and filtered as the same text (1e20 is `1e+20` everywhere)."""
     if isinstance(v, str):
         return v
     try:
@@ -374,7 +377,7 @@ def decode_feedback(value: bytes) -> tuple:
         ev.value,
         float(ev.weight),
         list(meta.keys()),
-        [_stringify(v) for v in meta.values()],
+        [json_text(v) for v in meta.values()],
         _epoch_seconds(created),
         _epoch_seconds(updated),
     )

@@ -36,6 +36,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 import msgspec
 import orjson
 
+from ingest.events import json_text
 from ingest.pricing import PricingTable
 
 _UINT32_MAX = 4_294_967_295
@@ -349,10 +350,6 @@ _TRACE_FIELDS = {
 }
 
 
-def _text(value: Any) -> str:
-    return value if isinstance(value, str) else msgspec.json.encode(value).decode()
-
-
 def split_metadata(metadata: dict[str, Any] | None, where: str) -> tuple[dict[str, str], dict[str, str]]:
     """(trace fields, other pairs); non-string values become their JSON text."""
     trace: dict[str, str] = {}
@@ -360,7 +357,7 @@ def split_metadata(metadata: dict[str, Any] | None, where: str) -> tuple[dict[st
     for key, value in (metadata or {}).items():
         if not key:
             raise InvalidLog(f"`{where}.metadata` has an empty key")
-        text = _text(value)
+        text = json_text(value)
         if key in _TRACE_FIELDS:
             if len(text) > 1024:
                 raise InvalidLog(f"`{where}.metadata.{key}` is longer than 1024 characters")

@@ -504,3 +504,22 @@ def test_body_given_as_a_json_string_is_stored_as_the_object():
     assert json.loads(bytes(sse["response"]["body"])).startswith("data: ")
     assert sse["metrics"]["pricing_status"] == "no_usage" and sse["metrics"]["cost"] is None
     assert (event["metrics"]["ai_model"], event["metrics"]["req_units"], event["metrics"]["res_units"]) == ("gpt-4o", 3, 4)
+
+
+def test_non_string_metadata_is_stored_and_filtered_as_the_same_text(settings, workers, api, warehouse, org, make_key):
+    """A non-string metadata value is stored as its JSON text, and a metadata filter with the same JSON value
+    (analytics, exports) selects it: both sides use one encoding (1e20 was stored as `1e20`, filtered as `1e+20`)."""
+    key = make_key(org)
+    values = [1e20, 2, 0.5, True, 2**70]
+    logs = [{**OPENAI, "metadata": {"v": v}} for v in values]
+    assert post(api, key, logs).status_code == 200
+    assert wait_until(lambda: count_generations(warehouse, org) == len(values))
+    now = datetime.now(UTC)
+    window = {"time_of_generation_min": (now - timedelta(hours=1)).isoformat(), "time_of_generation_max": (now + timedelta(hours=1)).isoformat()}
+    for v in values:
+        metadata = '{"v": ' + json.dumps(v) + "}"
+        r = api.get("/v1/analytics/graphs/requests", params={**window, "metadata": metadata}, headers={"x-portkey-api-key": key})
+        assert r.json()["summary"]["total"] == 1, (v, r.text)
+        r = api.post("/v1/logs/exports", json={"filters": {**window, "metadata": {"v": v}}, "requested_data": ["id"]},
+                     headers={"x-portkey-api-key": key})
+        assert r.json()["total"] == 1, (v, r.text)

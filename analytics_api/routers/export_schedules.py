@@ -61,7 +61,7 @@ def _fields(body: dict, principal: Principal, settings, current: q.ScheduleRow |
     if not isinstance(description, str) or len(description) > 1024:
         raise jobs.invalid("description", "must be a string of at most 1024 characters")
     out = dict(workspace_slug=workspace, cron=cron, timezone=tz_name, window_kind=window,
-               filters=orjson.dumps(parsed.normalized).decode(), requested_data=tuple(columns), format=fmt,
+               filters=parsed.text(), requested_data=tuple(columns), format=fmt,
                description=description)
     if "prefix" in body and body["prefix"] is not None:
         out["prefix"] = schedules.parse_prefix(body["prefix"])

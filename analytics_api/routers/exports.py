@@ -81,7 +81,7 @@ def create_export(request: Request, payload: Any = Body(None),
     fmt = jobs.parse_format(body.get("format"), "jsonl")
     total = _count(request, parsed.selection)
     job = jobs.new_job(organisation_id=principal.organisation_id, workspace_slug=workspace, created_by=principal.key_id,
-                       description=body.get("description") or "", filters=parsed.normalized, requested_data=columns,
+                       description=body.get("description") or "", filters=parsed.text(), requested_data=columns,
                        fmt=fmt, dest=settings.export_destination, total=total)
     with _state(request).warehouse.borrow() as client:
         q.write_job(client, job)
@@ -115,7 +115,7 @@ def update_export(exportId: str, request: Request, payload: Any = Body(None),
     columns = jobs.parse_columns(body["requested_data"]) if "requested_data" in body else list(job.requested_data)
     fmt = jobs.parse_format(body.get("format"), job.format)
     total = _count(request, parsed.selection)
-    changes = dict(workspace_slug=workspace, filters=orjson.dumps(parsed.normalized).decode(),
+    changes = dict(workspace_slug=workspace, filters=parsed.text(),
                    requested_data=tuple(columns), format=fmt, total=total)
     if "description" in body:
         changes["description"] = body.get("description") or ""

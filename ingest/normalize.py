@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
 
 import msgspec
 import orjson
@@ -333,14 +333,15 @@ def mask_headers(headers: dict[str, str]) -> dict[str, str]:
 
 
 def mask_url(url: str) -> str:
+    """The URL as sent, with the value of every credential parameter replaced: the other parameters
+    keep their exact text (re-encoding them would turn `a%20b` into `a+b` and `flag` into `flag=`)."""
     parts = urlsplit(url)
     if not parts.query:
         return url
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
-    if not any(k.lower() in SECRET_PARAMS for k, _ in pairs):
-        return url
-    query = urlencode([(k, MASK if k.lower() in SECRET_PARAMS else v) for k, v in pairs], safe="*")
-    return urlunsplit(parts._replace(query=query))
+    fields = parts.query.split("&")
+    masked = [f"{field.partition('=')[0]}={MASK}" if unquote_plus(field.partition("=")[0]).lower() in SECRET_PARAMS else field
+              for field in fields]
+    return url if masked == fields else urlunsplit(parts._replace(query="&".join(masked)))
 
 
 _TRACE_FIELDS = {

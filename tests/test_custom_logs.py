@@ -485,6 +485,14 @@ def test_secrets_are_masked():
     masked = normalize.mask_url("https://generativelanguage.googleapis.com/v1beta/models/m:generateContent?alt=sse&key=AIza")
     assert "AIza" not in masked and "alt=sse" in masked
     assert normalize.mask_url("https://api.openai.com/v1/chat/completions") == "https://api.openai.com/v1/chat/completions"
+    # only the credentials' values change: the other parameters keep the text they were sent with
+    base = "https://generativelanguage.googleapis.com/v1beta/models/m:generateContent"
+    for sent, stored in [
+        (f"{base}?alt=sse&key=AIza&q=a%20b&flag", f"{base}?alt=sse&key=********&q=a%20b&flag"),
+        (f"{base}?API%5FKEY=s&x=1+2&access_token=t#frag", f"{base}?API%5FKEY=********&x=1+2&access_token=********#frag"),
+        (f"{base}?q=a%20b&flag", f"{base}?q=a%20b&flag"),
+    ]:
+        assert normalize.mask_url(sent) == stored
 
 
 def test_body_given_as_a_json_string_is_stored_as_the_object():

@@ -155,3 +155,17 @@ def test_buckets_outside_1970_to_2106(api, settings, workers, warehouse, produce
                granularity=granularity).json()
     assert body["summary"]["total"] == 1
     assert {p["timestamp"]: p["total"] for p in body["data_points"] if p["total"]} == {label: 1}
+
+
+def test_bounds_with_sub_millisecond_digits_select_exactly(api, settings, workers, warehouse, producer, org, make_key):
+    """Stored times are whole milliseconds; a bound with microseconds (Python's isoformat() writes them)
+    keeps `min ≤ created_at ≤ max` exact: a request at …00.000 is before a min of …00.000400."""
+    load(settings, warehouse, producer, org, [gateway_log(org, rng=random.Random(5), created_at=T0)])
+    key = make_key(org)
+    us = timedelta(microseconds=400)
+    cases = [((T0 - us, T0 + us), 1), ((T0, T0), 1), ((T0 + us, T0 + timedelta(minutes=1)), 0), ((T0 - timedelta(minutes=1), T0 - us), 0)]
+    for (lo, hi), expected in cases:
+        window = {"time_of_generation_min": lo.isoformat(), "time_of_generation_max": hi.isoformat()}
+        assert get(api, key, "graphs/requests", **window).json()["summary"]["total"] == expected, window
+        r = api.post("/v1/logs/exports", json={"filters": window, "requested_data": ["id"]}, headers={"x-portkey-api-key": key})
+        assert r.status_code == 200 and r.json()["total"] == expected, (window, r.text)

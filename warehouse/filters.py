@@ -9,7 +9,7 @@ ever spliced into SQL.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from warehouse.queries.scope import TenantScope
 
@@ -67,7 +67,10 @@ def compile_where(f: Filters, scope: TenantScope) -> Where:
     """The WHERE condition (without the keyword) selecting the filtered generations."""
     sql, base = scope.where()
     parts = [sql, "created_at >= {t_start:DateTime64(3, 'UTC')}", "created_at <= {t_end:DateTime64(3, 'UTC')}"]
-    params: dict[str, object] = {**base, "t_start": _utc_naive(f.start), "t_end": _utc_naive(f.end)}
+    # Stored times are whole milliseconds and a DateTime64(3) parameter drops the digits past them: exact
+    # for the end (created_at ≤ …59.999400 ⇔ ≤ …59.999), but the start must round up (≥ …00.000400 ⇔ ≥ …00.001).
+    start = f.start + timedelta(microseconds=-f.start.microsecond % 1000)
+    params: dict[str, object] = {**base, "t_start": _utc_naive(start), "t_end": _utc_naive(f.end)}
 
     for name, column, ch_type in RANGE_FILTERS:
         low, high = f.ranges.get(name, (None, None))

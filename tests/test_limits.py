@@ -545,13 +545,17 @@ def test_period_change_rebaselines_limit_change_rearms_and_archive_stops(lapi, l
 def test_rate_limits_count_sliding_windows(lapi, lsettings, workers, warehouse, producer, make_key, org, clock):
     key = make_key(org)
     rng = random.Random(11)
+    # a window never reaches before its policy's creation (docs/limits.md "Windows"): the rpd policy exists
+    # since the day before, so that its window is a whole day of closed hours
+    clock.set("2026-11-02T09:00:00")
+    rpd = create(lapi, key, "rate-limits", {"conditions": [{"key": "workspace_id", "value": "ws-b"}],
+                                            "group_by": [{"key": "api_key"}], "type": "requests", "unit": "rpd", "value": 40})
     clock.set("2026-11-03T09:00:00")
     rpm = create(lapi, key, "rate-limits", {"conditions": [{"key": "workspace_id", "value": "ws-a"}],
                                             "group_by": [{"key": "api_key"}], "type": "requests", "unit": "rpm", "value": 3})
     rph = create(lapi, key, "rate-limits", {"conditions": [{"key": "metadata.env", "value": "prod"}],
                                             "group_by": [{"key": "metadata._user"}], "type": "tokens", "unit": "rph", "value": 1000})
-    rpd = create(lapi, key, "rate-limits", {"conditions": [{"key": "workspace_id", "value": "ws-b"}],
-                                            "group_by": [{"key": "api_key"}], "type": "requests", "unit": "rpd", "value": 40})
+    created = {rpd: "2026-11-02T09:00:00", rpm: "2026-11-03T09:00:00", rph: "2026-11-03T09:00:00"}
     # a day of ws-b traffic (the closed hours of the rpd window), with events on the window's edges
     day = stage(org, rng, 60, "2026-11-02T09:30:00", "2026-11-03T10:02:00", workspace="ws-b", env="dev") + [
         log(org, t, rng=rng, workspace="ws-b", api_key="ak-1", env="dev") for t in (
@@ -576,8 +580,9 @@ def test_rate_limits_count_sliding_windows(lapi, lsettings, workers, warehouse, 
         now, seen = clock(), {}
         for pid in ids:
             conditions, group_by, measure, width, limit = policies[pid]
+            baseline = ms(datetime.fromisoformat(created[pid]).replace(tzinfo=UTC))
             expected = usage(frame, org=org, conditions=conditions, group_by=group_by, measure=measure,
-                             start_ms=ms(now) - width + 1, end_ms=ms(now) + 1)
+                             start_ms=max(ms(now) - width + 1, baseline), end_ms=ms(now) + 1)
             got = entities(lapi, key, pid, kind="rate-limits")
             assert {k: v["current_usage"] for k, v in got.items()} == expected, pid
             assert {k: v["status"] for k, v in got.items()} == {
@@ -617,6 +622,94 @@ def test_rate_limits_count_sliding_windows(lapi, lsettings, workers, warehouse, 
     job.run_once()
     assert {k: v for k, v in state_view(states.read()).items() if not k.startswith(rpd)} == {f"{rpm}:api_key:ak-2": None}
     assert entities(lapi, key, rpm, kind="rate-limits") == {}
+    states.close()
+    job.close()
+
+
+def test_a_new_rate_limit_counts_from_its_creation(lapi, lsettings, workers, warehouse, producer, make_key, org, clock):
+    """docs/limits.md "Windows": never before the policy's baseline, its creation. A new rpd policy is not
+    rate-limited at once by the requests of the hours before it existed; its window fills from then on."""
+    key = make_key(org)
+    rng = random.Random(9)
+    before = [log(org, f"2026-10-28T0{h}:00:00", rng=rng, api_key="ak-1") for h in range(5)]
+    after = [log(org, f"2026-10-28T10:0{m}:00", rng=rng, api_key="ak-1") for m in (1, 2, 3)]
+    publish(producer, lsettings.topic_gateway_logs, before + after)
+    assert wait_until(lambda: count_generations(warehouse, org) == len(before) + len(after))
+    clock.set("2026-10-28T10:00:00")
+    pid = create(lapi, key, "rate-limits", {"conditions": [{"key": "workspace_id", "value": "ws-a"}],
+                                            "group_by": [{"key": "api_key"}], "type": "requests", "unit": "rpd", "value": 3})
+    job = new_job(lsettings, clock, org)
+    frame = events_frame(before + after)
+    for at, limited in (("2026-10-28T10:00:30", False), ("2026-10-28T10:05:00", True)):
+        clock.set(at)
+        job.run_once()
+        expected = usage(frame, org=org, conditions=[("workspace_id", "ws-a")], group_by=["api_key"], measure="requests",
+                         start_ms=max(ms(clock()) - 86_400_000 + 1, ms(datetime(2026, 10, 28, 10, tzinfo=UTC))),
+                         end_ms=ms(clock()) + 1)
+        got = {k: (v["current_usage"], v["status"]) for k, v in entities(lapi, key, pid, kind="rate-limits").items()}
+        assert got == {k: (v, "rate_limited" if v >= 3 else "active") for k, v in expected.items()}, at
+        assert (got.get("api_key:ak-1", (0, "active"))[1] == "rate_limited") == limited, got
+    job.close()
+
+
+def test_a_refresh_that_fails_is_started_over_by_the_next(lapi, lsettings, workers, warehouse, producer, make_key, org,
+                                                          clock, monkeypatch):
+    """A refresh failing while it computes the hour that just closed (a transient ClickHouse error) must not
+    change what the next refresh counts: that hour was left out until the next hour, unblocking the key."""
+    from warehouse.queries import limits as lq
+
+    key = make_key(org)
+    clock.set("2026-10-28T12:00:00")
+    pid = create(lapi, key, "usage-limits", {"conditions": [{"key": "workspace_id", "value": "ws-a"}],
+                                             "group_by": [{"key": "api_key"}], "type": "cost", "credit_limit": 30})
+    rng = random.Random(5)
+    events = [log(org, "2026-10-28T13:10:00", rng=rng, api_key="ak-1", cost=30.0),
+              log(org, "2026-10-28T14:05:00", rng=rng, api_key="ak-1", cost=5.0)]
+    publish(producer, lsettings.topic_gateway_logs, events)
+    assert wait_until(lambda: count_generations(warehouse, org) == len(events))
+    job = new_job(lsettings, clock, org)
+    clock.set("2026-10-28T13:30:00")
+    job.run_once()
+    real, failures = lq.insert_segment_usage, [RuntimeError("transient ClickHouse error")]
+
+    def fails_once(*args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lq, "insert_segment_usage", fails_once)
+    clock.set("2026-10-28T14:10:00")
+    with pytest.raises(RuntimeError):
+        job.run_once()
+    clock.set("2026-10-28T14:11:00")
+    job.run_once()
+    expected = usage(events_frame(events), org=org, conditions=[("workspace_id", "ws-a")], group_by=["api_key"],
+                     measure="cost", start_ms=ms(datetime(2026, 10, 28, 12, tzinfo=UTC)), end_ms=None)
+    assert expected == {"api_key:ak-1": 35.0}
+    got = entities(lapi, key, pid)
+    assert {k: (v["current_usage"], v["status"]) for k, v in got.items()} == {"api_key:ak-1": (pytest.approx(35.0), "exhausted")}
+    job.close()
+
+
+def test_a_workspace_policys_records_name_its_workspace(lapi, lsettings, workers, warehouse, producer, make_key, org, clock):
+    """A policy made by a workspace key only counts its workspace; its enforcement records say so in
+    `conditions` (docs/limits.md), or a gateway matching group and conditions would block in every workspace."""
+    ws_key = make_key(org, workspace="ws-a")
+    clock.set("2026-10-28T12:00:00")
+    pid = create(lapi, ws_key, "usage-limits", {"conditions": [{"key": "metadata.env", "value": "prod"}],
+                                                "group_by": [{"key": "metadata._user"}], "type": "cost", "credit_limit": 20})
+    rng = random.Random(8)
+    events = [log(org, "2026-10-28T12:10:00", rng=rng, workspace="ws-a", user="alice", cost=25.0),
+              log(org, "2026-10-28T12:11:00", rng=rng, workspace="ws-b", user="alice", cost=1.0)]
+    publish(producer, lsettings.topic_gateway_logs, events)
+    assert wait_until(lambda: count_generations(warehouse, org) == len(events))
+    states = Tail(lsettings.kafka_bootstrap, lsettings.topic_limits_state)
+    job = new_job(lsettings, clock, org)
+    clock.set("2026-10-28T12:30:00")
+    job.run_once()
+    rec = state_view(states.read())[f"{pid}:metadata._user:alice"]
+    assert rec["status"] == "exhausted" and rec["current_usage"] == pytest.approx(25.0)  # ws-a only
+    assert rec["conditions"] == [{"key": "metadata.env", "value": "prod"}, {"key": "workspace_id", "value": "ws-a"}]
     states.close()
     job.close()
 

@@ -287,6 +287,16 @@ class ClosedSegments:
         closed segments, and per policy the ranges still to count live."""
         if not self.loaded:
             self.load()
+        try:
+            return self._refresh(policies, now_ms)
+        except BaseException:
+            # The in-memory plans, totals and snapshot may be half updated (a failure after the plans moved on
+            # made the next refresh of the hour take them for computed: the hour just closed went uncounted).
+            # The next refresh resumes from what ClickHouse holds, as after a restart.
+            self.loaded = False
+            raise
+
+    def _refresh(self, policies: list[PolicyWindow], now_ms: int) -> tuple[pl.DataFrame, dict[str, list[Segment]], Stats]:
         stats = Stats()
         table = q.generations_identity(self.client)
         listing = q.generation_parts(self.client)  # before any segment is read: later parts are new next time

@@ -87,7 +87,8 @@ def policy_frame(policies: list[PolicyRow], now_ms: int) -> pl.DataFrame:
 
     Usage limits: from the later of the period start and the policy's baseline (its creation,
     or the last change of ``periodic_reset``) to the period end (none when cumulative).
-    Rate limits: the sliding window ``(now − W, now]``, i.e. ``[now − W + 1 ms, now + 1 ms)``.
+    Rate limits: the sliding window ``(now − W, now]``, i.e. ``[now − W + 1 ms, now + 1 ms)``, but not
+    before the baseline either: a new rate limit does not block at once for the traffic before it existed.
     """
     df = pl.DataFrame(
         {
@@ -109,7 +110,7 @@ def policy_frame(policies: list[PolicyRow], now_ms: int) -> pl.DataFrame:
         {u: s * 1000 for u, s in WINDOW_SECONDS.items()}, default=None, return_dtype=pl.Int64)
     is_rate = pl.col("kind") == RATE
     return df.with_columns(
-        window_start=pl.when(is_rate).then(now_ms - width + 1)
+        window_start=pl.when(is_rate).then(pl.max_horizontal(now_ms - width + 1, pl.col("baseline_at")))
         .otherwise(pl.max_horizontal(period_start.otherwise(None).cast(pl.Int64), pl.col("baseline_at"))),
         window_end=pl.when(is_rate).then(pl.lit(now_ms + 1, pl.Int64)).otherwise(period_end.otherwise(None).cast(pl.Int64)),
     )
@@ -252,7 +253,7 @@ def state_record(row: dict, policy: PolicyRow) -> dict:
         "workspace_id": row["workspace_slug"] or None,
         "value_key": row["value_key"],
         "group": dict(split_value_key(row["value_key"])),
-        "conditions": [{"key": k, "value": v} for k, v in policy.conditions],
+        "conditions": [{"key": k, "value": v} for k, v in policy.counted_conditions()],
         "status": row["status"],
         "type": row["type"],
         "current_usage": usage_value(row["type"], row["current_usage"]),

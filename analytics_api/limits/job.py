@@ -66,10 +66,7 @@ def utc_now() -> datetime:
 
 def policy_slot(p: PolicyRow, start_ms: int, end_ms: int | None) -> Slot:
     """A policy's counting rule. A workspace policy only counts its workspace (an implicit condition)."""
-    conditions = list(p.conditions)
-    if p.workspace_slug and not any(k == "workspace_id" for k, _ in conditions):
-        conditions.append(("workspace_id", p.workspace_slug))
-    return Slot(p.organisation_id, tuple(conditions), p.group_by, p.type, start_ms, end_ms)
+    return Slot(p.organisation_id, p.counted_conditions(), p.group_by, p.type, start_ms, end_ms)
 
 
 @dataclass

@@ -51,6 +51,13 @@ class PolicyRow:
     limits_at: datetime = datetime(1970, 1, 1, tzinfo=UTC)  # the limits in force since; alerts re-arm
     changed_by: str = ""
 
+    def counted_conditions(self) -> tuple[tuple[str, str], ...]:
+        """What a request must match to count: the conditions, and a workspace policy's own workspace
+        (implicit: such a policy only counts its workspace). The enforcement records carry the same."""
+        if self.workspace_slug and not any(k == "workspace_id" for k, _ in self.conditions):
+            return (*self.conditions, ("workspace_id", self.workspace_slug))
+        return self.conditions
+
     def values(self) -> list:
         out = []
         for c in COLUMNS:

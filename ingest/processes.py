@@ -13,7 +13,6 @@ its uncommitted batch is re-delivered and collapses in the tables.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import multiprocessing
@@ -24,20 +23,12 @@ import time
 from pathlib import Path
 
 from ingest.sink import DirectSink, RemoteSink, SinkServer
+from warehouse.client import connect
 from tollgate import logs, monitoring
+from tollgate.broker import die_with_parent
 from tollgate.settings import Settings
 
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:  # not Linux: the worker notices a closed pipe on its next insert instead
-        pass
-
 
 def spool_dir(settings: Settings) -> Path:
     return settings.data_dir.resolve() / "spool"
@@ -70,7 +61,7 @@ def report_metrics(conn, stop: threading.Event, every: float = 1.0) -> threading
 
 def worker_main(settings_json: str, bootstrap: str, index: int, conn, log_level: int, metrics_conn=None) -> None:
     """Entry point of a worker process."""
-    _die_with_parent()
+    die_with_parent()  # not Linux: the worker notices a closed pipe on its next insert instead
     stop = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -188,6 +179,10 @@ class IngestProcesses:
         return [p.pid for p in self._procs if p is not None]
 
     def start(self) -> None:
+        if self.settings.is_embedded_warehouse:
+            # Fail here, before any worker joins the consumer group, when another process holds the data dir:
+            # a sink server's thread would fail alone, and its worker would take partitions it never stores.
+            connect(self.settings.warehouse_dsn).close()
         monitoring.add_source(self.metrics.families)
         self._monitor.start()
         self._started.wait(60)

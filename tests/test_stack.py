@@ -100,3 +100,97 @@ def test_up_seed_read_stop(tmp_path):
     r = httpx.get(f"{again.url}/v1/logs/{log_id}", headers={"x-portkey-api-key": key})
     assert r.status_code == 200
     assert again.stop() == 0
+
+
+def _run(*args, env=None, timeout=90) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], env=env or os.environ, capture_output=True, text=True, timeout=timeout)
+
+
+def test_bad_numbers_and_names_are_usage_errors_not_tracebacks(tmp_path):
+    for args, named in [(["up", "--ingest-workers", "-1"], "--ingest-workers"), (["ingest", "--workers", "0"], "--workers"),
+                        (["settle", "--max-days", "0"], "--max-days"), (["seed", "--events", "-5"], "--events"),
+                        (["seed", "--days", "0"], "--days"), (["--log-level", "bogus", "migrate"], "--log-level")]:
+        r = _run(*args, "--data-dir" if args[0] != "--log-level" else "--data-dir", str(tmp_path / "d"))
+        assert r.returncode == 2 and named in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-500:])
+    r = _run("keys", "create", "--org", " ", "--data-dir", str(tmp_path / "d"))
+    assert r.returncode == 2 and "--org" in r.stderr and "Traceback" not in r.stderr, r.stderr[-500:]
+    r = _run("settle", "--data-dir", str(tmp_path / "missing"))
+    assert r.returncode == 1 and "no data dir" in r.stderr and not (tmp_path / "missing").exists(), r.stderr[-500:]
+
+
+def test_ingest_on_a_data_dir_another_process_holds_exits_with_an_error(tmp_path, broker):
+    """The embedded engine opens a data dir in one process only: `tollgate ingest` beside a running stack must
+    fail at once, not join the consumer group with workers whose inserts can never succeed."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom warehouse.client import connect\n"
+                               f"held = connect('chdb://{tmp_path / 'warehouse'}')\nheld.command('SELECT 1')\nprint('held', flush=True)\ntime.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        env = {**os.environ, "TOLLGATE_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'warehouse'}", "TOLLGATE_KAFKA_BOOTSTRAP": broker.bootstrap,
+               "TOLLGATE_TOPIC_GATEWAY_LOGS": f"held-{free_port()}"}
+        r = _run("ingest", env=env, timeout=60)
+        assert r.returncode == 1 and "error: cannot open the embedded warehouse" in r.stderr, r.stderr[-800:]
+        assert "Traceback" not in r.stderr, r.stderr[-800:]
+        assert "ingest:" not in r.stdout  # no worker started
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_settle_uses_the_configured_most_days(settings, warehouse, monkeypatch, capsys):
+    """`tollgate settle` is what `up` runs: without --max-days it merges at most TOLLGATE_SETTLE_MAX_DAYS days."""
+    import argparse
+    import random
+    import uuid
+    from datetime import UTC, datetime
+
+    from factories import gateway_log
+    from ingest.events import GENERATIONS
+    from ingest.sink import insert_rows
+    from tollgate.cli import cmd_settle
+
+    org = f"org-{uuid.uuid4().hex[:8]}"
+    rng = random.Random(1)
+    for day in (3, 4, 5):
+        for _ in range(2):  # two parts per day: unsettled
+            insert_rows(warehouse, GENERATIONS, [GENERATIONS.encode(json.dumps(gateway_log(
+                org, rng=rng, created_at=datetime(2025, 1, day, 12, tzinfo=UTC))).encode())])
+    monkeypatch.setenv("TOLLGATE_SETTLE_MAX_DAYS", "1")
+    monkeypatch.delenv("TOLLGATE_CLICKHOUSE_DSN", raising=False)
+    assert cmd_settle(argparse.Namespace(data_dir=str(settings.data_dir), max_days=None)) == 0
+    assert capsys.readouterr().out.startswith("settled 1 day(s)")
+
+
+def test_a_busy_metrics_port_stops_ingest_at_once(tmp_path, broker):
+    """The metrics port is bound before any worker starts: a busy one is an error line and exit 1, not a
+    traceback followed by a process that hangs on its running workers."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        env = {**os.environ, "TOLLGATE_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'warehouse'}", "TOLLGATE_KAFKA_BOOTSTRAP": broker.bootstrap,
+               "TOLLGATE_METRICS_HOST": "127.0.0.1", "TOLLGATE_METRICS_PORT": str(busy.getsockname()[1])}
+        r = _run("ingest", env=env, timeout=60)
+    assert r.returncode == 1 and "error:" in r.stderr and "in use" in r.stderr and "Traceback" not in r.stderr, r.stderr[-800:]
+    assert "ingest:" not in r.stdout
+
+
+def test_a_killed_parent_takes_the_embedded_broker_with_it():
+    """`tollgate up` SIGKILLed (an orchestrator, the grace timeout) must not leave its broker running."""
+    parent = subprocess.Popen([sys.executable, "-c", "import time\nfrom tollgate.broker import EmbeddedBroker\n"
+                               "b = EmbeddedBroker().start()\nprint(b.process.pid, flush=True)\ntime.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    broker_pid = int(parent.stdout.readline())
+    os.kill(broker_pid, 0)  # running
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(broker_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(broker_pid, signal.SIGKILL)
+    raise AssertionError("the broker outlived its killed parent")

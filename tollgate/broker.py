@@ -7,12 +7,25 @@ produced event is left unstored.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+try:  # resolved once, here: a preexec_fn runs between fork and exec, where loading a library could deadlock
+    _prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+except OSError:  # not Linux
+    _prctl = None
+
+
+def die_with_parent() -> None:
+    """In a child process (Linux): SIGKILL it when the thread that started it ends, e.g. its parent is killed."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def free_port() -> int:
@@ -52,6 +65,7 @@ class EmbeddedBroker:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C in the terminal reaches `tollgate up`, which stops the broker last
+            preexec_fn=die_with_parent,  # and a SIGKILLed `tollgate up` leaves no broker behind
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -47,7 +47,10 @@ def cmd_settle(args) -> int:
     from warehouse.settle import settle
 
     s = _settings(args)
-    done = settle(connect(s.warehouse_dsn), max_days=args.max_days)
+    if s.is_embedded_warehouse and not s.data_dir.is_dir():
+        print(f"error: no data dir at {s.data_dir} (nothing to settle)", file=sys.stderr)
+        return 1
+    done = settle(connect(s.warehouse_dsn), max_days=args.max_days or s.settle_max_days)
     print(f"settled {len(done)} day(s)" + (": " + ", ".join(str(d.day) for d in done) if done else ""))
     return 0
 
@@ -86,6 +89,9 @@ def cmd_keys_create(args) -> int:
     from warehouse.queries import api_keys
 
     s = _settings(args)
+    if not args.org.strip():
+        print("error: --org: an organisation id is required (not empty)", file=sys.stderr)
+        return 2
     try:
         scopes = validate_scopes([x.strip() for x in args.scopes.split(",") if x.strip()]) if args.scopes else list(SCOPES)
     except ValueError as exc:
@@ -148,6 +154,28 @@ def cmd_export(args) -> int:
     return run(args, _settings(args))
 
 
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tollgate", description=__doc__)
     p.add_argument("--log-level", default="WARNING", help="Python log level (default WARNING)")
@@ -157,7 +185,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--host")
     up.add_argument("--port", type=int)
     up.add_argument("--data-dir")
-    up.add_argument("--ingest-workers", type=int, help="consumers per topic (default TOLLGATE_INGEST_WORKERS)")
+    up.add_argument("--ingest-workers", type=_at_least(1), help="ingest worker processes, each one consumer per topic "
+                    "(default TOLLGATE_INGEST_WORKERS)")
     up.set_defaults(func=cmd_up)
 
     m = sub.add_parser("migrate", help="apply pending warehouse migrations")
@@ -165,12 +194,13 @@ def parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_migrate)
 
     st = sub.add_parser("settle", help="merge each ended day of generations into one part (cheap FINAL reads)")
-    st.add_argument("--max-days", type=int, help="settle at most this many days, newest first")
+    st.add_argument("--max-days", type=_at_least(1), help="settle at most this many days, newest first "
+                    "(default TOLLGATE_SETTLE_MAX_DAYS)")
     st.add_argument("--data-dir")
     st.set_defaults(func=cmd_settle)
 
     i = sub.add_parser("ingest", help="run ingest consumers only (production role)")
-    i.add_argument("--workers", type=int)
+    i.add_argument("--workers", type=_at_least(1), help="worker processes (default TOLLGATE_INGEST_WORKERS)")
     i.add_argument("--data-dir")
     i.set_defaults(func=cmd_ingest)
 
@@ -198,8 +228,8 @@ def parser() -> argparse.ArgumentParser:
     kc.set_defaults(func=cmd_keys_create)
 
     sd = sub.add_parser("seed", help="publish deterministic synthetic gateway traffic to Kafka")
-    sd.add_argument("--events", type=int, default=10_000)
-    sd.add_argument("--days", type=float, default=7)
+    sd.add_argument("--events", type=_at_least(1), default=10_000)
+    sd.add_argument("--days", type=_positive_float, default=7)
     sd.add_argument("--org")
     sd.add_argument("--workspace")
     sd.add_argument("--seed", type=int, default=0)
@@ -227,10 +257,35 @@ def parser() -> argparse.ArgumentParser:
 SERVICE_COMMANDS = {"up", "ingest", "api", "scheduler", "limits"}
 
 
+def _operator_errors() -> tuple[type[BaseException], ...]:
+    """What an operator's mistake raises (settings, a held data dir, an edited migration, a busy port):
+    an `error:` line, not a traceback."""
+    from pydantic import ValidationError
+
+    from warehouse.client import WarehouseUnavailable
+    from warehouse.migrate import MigrationError
+
+    return ValidationError, WarehouseUnavailable, MigrationError, OSError
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    configure_logs(args.log_level, Settings().log_format)
-    code = args.func(args)
+    p = parser()
+    args = p.parse_args(argv)
+    if not isinstance(logging.getLevelName(args.log_level.upper()), int):
+        p.error(f"--log-level: unknown level {args.log_level!r} (DEBUG, INFO, WARNING, ERROR)")
+    try:
+        configure_logs(args.log_level, Settings().log_format)
+        code = args.func(args)
+    except _operator_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 1
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception:
+        if args.command not in SERVICE_COMMANDS:
+            raise
+        logging.exception("tollgate %s failed", args.command)  # then out through os._exit, as on a clean stop
+        code = 1
     if args.command in SERVICE_COMMANDS:
         logging.shutdown()
         sys.stdout.flush()

@@ -185,10 +185,10 @@ def up(settings: Settings, host: str, port: int, ingest_workers: int | None = No
         say(f"warehouse {settings.warehouse_dsn}: {len(applied)} migration(s) applied")
         admin_key = ensure_admin_key(settings, client)
 
+        monitoring.serve(settings.metrics_host, settings.metrics_port)  # besides the API's /metrics, if asked for
         workers = IngestProcesses(settings, bootstrap, ingest_workers or settings.ingest_workers)
         workers.start()
         cleanup.callback(workers.stop)  # runs before the broker stops: drain, insert, commit
-        monitoring.serve(settings.metrics_host, settings.metrics_port)  # besides the API's /metrics, if asked for
 
         recover_interrupted(client, settings)  # this process runs every export: one left in_progress was cut short
         scheduler = BackgroundScheduler(timezone="UTC")
@@ -229,9 +229,9 @@ def run_ingest(settings: Settings, workers: int | None = None) -> int:
     stop = StopSignal(settings.shutdown_grace_seconds)
     bootstrap = kafka_bootstrap(settings)
     ensure_topics(bootstrap, settings.all_topics, settings.topic_partitions)
+    monitoring.serve(settings.metrics_host, settings.metrics_port)  # a busy port fails before any worker starts
     pool = IngestProcesses(settings, bootstrap, workers or settings.ingest_workers)
     pool.start()
-    monitoring.serve(settings.metrics_host, settings.metrics_port)
     say(f"ingest: {pool.count} worker process(es) on {bootstrap} → {settings.warehouse_dsn}")
     stop.wait()
     if not pool.stop():

@@ -153,3 +153,40 @@ def test_retention_sets_and_removes_the_ttl(db):
     assert "toIntervalDay(30)" in _ddl(db)
     assert migrate(db, retention_days=0) == []
     assert " TTL " not in _ddl(db)
+
+
+@pytest.mark.parametrize("cut_before", ["EXCHANGE TABLES", "DROP TABLE generations_daily", None],
+                         ids=["during-copy", "after-swap", "before-ledger"])
+def test_an_interrupted_daily_rebuild_resumes_to_the_daily_layout(db, tmp_path, cut_before):
+    """docs/deploy.md: run `tollgate migrate` again after a failed run. 0015 copies generations into a
+    daily-partitioned table and swaps the two; cut short anywhere, the re-run ends daily, rows kept once."""
+    import shutil
+
+    before = tmp_path / "before"
+    before.mkdir()
+    for f in MIGRATIONS_DIR.glob("*.sql"):
+        if int(f.name[:4]) < 15:
+            shutil.copy(f, before / f.name)
+    migrate(db, directory=before)
+    db.command("INSERT INTO generations (organisation_id, workspace_slug, id, created_at, is_success, response_status_code) "
+               "VALUES ('o', 'w', 'a', '2026-11-01 00:00:00', 1, 200), ('o', 'w', 'b', '2026-11-02 00:00:00', 1, 200)")
+    real = db.command
+
+    def cut(sql, *args, **kwargs):  # the process dies at that statement (or, None: after the last, before the ledger row)
+        if cut_before and sql.strip().startswith(cut_before):
+            raise RuntimeError("interrupted")
+        result = real(sql, *args, **kwargs)
+        if cut_before is None and sql.strip().startswith("DROP TABLE generations_daily"):
+            raise RuntimeError("interrupted")
+        return result
+
+    db.command = cut
+    with pytest.raises(RuntimeError):
+        migrate(db)
+    db.command = real
+    migrate(db)
+    key = db.command("SELECT partition_key FROM system.tables WHERE database = currentDatabase() AND name = 'generations'")
+    assert str(key).replace(" ", "") == "toDate(created_at)"
+    assert db.command("SELECT count() FROM generations FINAL") == 2
+    assert "generations_daily" not in tables(db)
+    assert 15 in {v for v, _, _ in ledger(db)}

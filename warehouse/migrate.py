@@ -101,6 +101,8 @@ def migrate(client: Client, retention_days: int | None = None, directory: Path =
     for m in files:
         if m.version in done:
             continue
+        if m.version == 15:
+            _resume_daily_rebuild(client, run, Layout(cluster))
         for statement in m.statements():
             run(statement)
         client.insert(
@@ -113,6 +115,22 @@ def migrate(client: Client, retention_days: int | None = None, directory: Path =
     if audit_retention_days is not None:
         apply_retention(client, audit_retention_days, table="audit_logs", layout=where)
     return newly
+
+
+def _resume_daily_rebuild(client: Client, run, layout: Layout) -> None:
+    """Migration 0015 copies ``generations`` into ``generations_daily`` and swaps the two. A run cut short
+    after the swap leaves ``generations`` daily and ``generations_daily`` the old monthly table, whose rows
+    are all in ``generations``: run again as it is, 0015 would copy the daily rows into that monthly table
+    and swap it back in. Drop it first; 0015 then rebuilds from the daily table (the same layout again)."""
+    def table(name: str) -> str:
+        return str(client.command(
+            "SELECT any(partition_key) FROM system.tables WHERE database = currentDatabase() AND name = {t:String}",
+            parameters={"t": layout.local(name)}))
+
+    exists = int(client.command("SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = {t:String}",
+                                parameters={"t": layout.local("generations_daily")}))
+    if exists and table("generations").replace(" ", "") == "toDate(created_at)":
+        run("DROP TABLE IF EXISTS generations_daily")
 
 
 # table → its time column; the only tables a retention TTL is set on

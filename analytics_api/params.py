@@ -127,13 +127,11 @@ def parse_range(request: Request, prefix: str, integer: bool, low: float | None,
     bounds = []
     for name in (min_name, max_name):
         raw = _first(request, name)
-        bound = None if raw is None else parse_number(name, raw, integer, low, high)
-        if integer and bound is not None:
-            # Bound as UInt64, where a larger value would wrap around; every stored count is far below.
-            bound = min(bound, UINT64_MAX)
-        bounds.append(bound)
+        bounds.append(None if raw is None else parse_number(name, raw, integer, low, high))
     if bounds[0] is not None and bounds[1] is not None and bounds[0] > bounds[1]:
         raise invalid(min_name, f"must not exceed {max_name}", request.query_params.get(min_name))
+    if integer:  # bound as UInt64, where a larger value would wrap around; every stored count is far below
+        bounds = [None if b is None else min(b, UINT64_MAX) for b in bounds]
     return bounds[0], bounds[1]
 
 

@@ -91,6 +91,12 @@ class ParsedFilters:
         return msgspec.json.encode(self.normalized).decode()
 
 
+def stored_filters(text: str) -> dict[str, Any]:
+    """The filters a job or schedule stored (:meth:`ParsedFilters.text`), read back as they were given:
+    msgspec keeps an integer beyond 64 bits an integer, where orjson would make it a float."""
+    return msgspec.json.decode(text)
+
+
 def parse_filters(raw: Any, scope: TenantScope, *, windowless: bool = False) -> ParsedFilters:
     """``filters`` of a request body → the analytics Filters (their validation, their 422s, named
     ``filters.<field>``). ``windowless``: a schedule's filters, whose time bounds each run sets."""
@@ -189,7 +195,7 @@ def iso(ts: datetime | None) -> str | None:
 
 
 def job_selection(job: q.JobRow) -> q.Selection:
-    return parse_filters(orjson.loads(job.filters), TenantScope(job.organisation_id, job.workspace_slug)).selection
+    return parse_filters(stored_filters(job.filters), TenantScope(job.organisation_id, job.workspace_slug)).selection
 
 
 def job_directory(job_id: str) -> str:
@@ -305,7 +311,7 @@ class ExportRunner:
             self._check(job, cancel)
             files = writer.finish()
             body = manifest(fmt=job.format, columns=list(job.requested_data), files=files, schema=writer.schema,
-                            filters=orjson.loads(job.filters),
+                            filters=stored_filters(job.filters),
                             extra={"export_id": job.id, "organisation_id": job.organisation_id,
                                    "workspace_slug": job.workspace_slug, "destination": dest.location(directory)})
             listed = [f.as_dict() for f in files] + [write_manifest(dest, directory, body).as_dict()]
@@ -413,7 +419,7 @@ def item(job: q.JobRow) -> dict[str, Any]:
     return {
         "id": job.id,
         "organisation_id": job.organisation_id,
-        "filters": orjson.loads(job.filters),
+        "filters": stored_filters(job.filters),
         "requested_data": list(job.requested_data),
         "status": job.status,
         "description": job.description,

@@ -52,7 +52,7 @@ from apscheduler.triggers.cron import CronTrigger
 
 from analytics_api.params import TIME_RANGE_MESSAGE, in_warehouse_range
 from exports.destinations import Destination, destination
-from exports.jobs import invalid, iso, parse_filters, record_export
+from exports.jobs import invalid, iso, parse_filters, record_export, stored_filters
 from exports.writers import MANIFEST, PartWriter, manifest, write_manifest
 from tollgate.settings import Settings
 from warehouse.client import ClientPool
@@ -157,10 +157,12 @@ def window_directory(schedule: q.ScheduleRow, start: datetime) -> str:
 
 
 def schedule_root(schedule: q.ScheduleRow) -> str:
-    """``schedules/<organisation>/<prefix>``. The organisation id is percent-encoded, dots included:
-    one path segment per organisation, never `.` or `..`, and two organisations never share one
-    (mapping characters to `_` made `acme corp` and `acme_corp` one directory)."""
-    org = quote(schedule.organisation_id, safe="").replace(".", "%2E") or "_"
+    """``schedules/<organisation>/<prefix>``. The organisation id is percent-encoded (letters, digits,
+    `_.-~` kept): one path segment per organisation, and two organisations never share one (mapping
+    characters to `_` made `acme corp` and `acme_corp` one directory). `.` and `..` become `%2E` and
+    `%2E%2E`, which no other id encodes to."""
+    org = quote(schedule.organisation_id, safe="")
+    org = {"": "%", ".": "%2E", "..": "%2E%2E"}.get(org, org)
     return f"schedules/{org}/{schedule.prefix}"
 
 
@@ -172,7 +174,7 @@ def export_window(client, dest: Destination, schedule: q.ScheduleRow, start: dat
     """Write the window's files, replacing whatever a previous run left; (rows, files incl. the manifest)."""
     directory = window_directory(schedule, start)
     scope = TenantScope(schedule.organisation_id, schedule.workspace_slug)
-    parsed = parse_filters(orjson.loads(schedule.filters), scope, windowless=True)
+    parsed = parse_filters(stored_filters(schedule.filters), scope, windowless=True)
     selection = replace(parsed.selection,
                         filters=replace(parsed.selection.filters, start=start, end=end - timedelta(milliseconds=1)))
     dest.delete([f"{directory}/{MANIFEST}"])  # the window is incomplete from now until its new manifest
@@ -188,7 +190,7 @@ def export_window(client, dest: Destination, schedule: q.ScheduleRow, start: dat
     keep = {f"{directory}/{f.name}" for f in files} | {f"{directory}/{MANIFEST}"}
     dest.delete([p for p in dest.list(directory) if p not in keep])  # parts of an earlier, longer run
     body = manifest(fmt=schedule.format, columns=list(schedule.requested_data), files=files, schema=writer.schema,
-                    filters=orjson.loads(schedule.filters),
+                    filters=stored_filters(schedule.filters),
                     extra={"schedule_id": schedule.id, "organisation_id": schedule.organisation_id,
                            "workspace_slug": schedule.workspace_slug, "window_start": iso(start),
                            "window_end": iso(end), "destination": dest.location(directory)})
@@ -426,7 +428,7 @@ def schedule_item(s: q.ScheduleRow) -> dict:
         "cron": s.cron,
         "timezone": s.timezone,
         "window": s.window_kind,
-        "filters": orjson.loads(s.filters),
+        "filters": stored_filters(s.filters),
         "requested_data": list(s.requested_data),
         "format": s.format,
         "destination": s.destination,

@@ -46,7 +46,7 @@ class InvalidEvent(ValueError):
 
 
 class AnalyticsMetrics(msgspec.Struct, forbid_unknown_fields=False, gc=False):
-    id: Id | None = None
+    id: str | None = None  # the event's id only without `_id` and `id` (then held to 1–256 characters)
     organisation_id: str | None = None
     organisation_name: Short | None = None
     prompt_id: Short | None = None
@@ -169,13 +169,14 @@ def _decode(decoder: msgspec.json.Decoder, value: bytes, what: str) -> Any:
 
 # Digits past the microsecond: msgspec would round them (…59.9999996 to the next second, possibly
 # the next day), where the stored milliseconds are documented as truncated.
-_PAST_MICROSECONDS = re.compile(r"(\.\d{6})\d+")
+_DIGITS = frozenset("0123456789")
+_PAST_MICROSECONDS = re.compile(r"(\.[0-9]{6})[0-9]+")  # ASCII digits only, as RFC 3339 (`\d` is any Unicode digit)
 
 
 def _timestamp(text: str, field: str) -> datetime:
     """An RFC 3339 timestamp as an aware UTC datetime in 1970..2200 (naive text is UTC)."""
     dot = text.find(".")
-    if dot != -1 and text[dot + 7:dot + 8].isdigit():
+    if dot != -1 and text[dot + 7:dot + 8] in _DIGITS:
         text = _PAST_MICROSECONDS.sub(r"\1", text, count=1)
     try:
         ts = msgspec.convert(text, datetime)
@@ -236,6 +237,8 @@ def decode_gateway_log(value: bytes) -> tuple:
     log_id = ev.underscore_id or ev.id or m.id
     if not log_id:
         raise InvalidEvent("missing required field `_id`")
+    if len(log_id) > 256:  # from `metrics.id`: `_id` and `id` are checked by their type
+        raise InvalidEvent("`metrics.id` (the event's id) is longer than 256 characters")
     if m.organisation_id and m.organisation_id != ev.organisation_id:
         raise InvalidEvent("`metrics.organisation_id` differs from `organisation_id`")
     created = _timestamp(ev.created_at, "created_at")

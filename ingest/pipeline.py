@@ -92,6 +92,8 @@ class Validate:
             row = self.codec.encode(value)
         except InvalidEvent as exc:
             self.next.add(message, dead_letter=self.dlq.send(message, exc.reason))
+        except MemoryError:  # the process's trouble, not the event's: never dead-letter (and commit) a good event
+            raise
         except Exception as exc:  # a decoder bug that one input sets off
             # Raised again, it would crash the consumer at this message after every restart and
             # hold back the partition; dead-lettered, the event can be replayed once fixed.

@@ -67,6 +67,8 @@ def test_malformed_numbers_are_422s_or_exact_not_500s(api, three):
     for bound in (str(2**64), str(10**20)):
         assert get(api, key, "graphs/requests", total_units_max=bound).json()["summary"]["total"] == 3
         assert get(api, key, "graphs/requests", prompt_token_min=bound).json()["summary"]["total"] == 0
+    # min > max is a 422 also beyond 2**64 (the bounds are compared before they are capped)
+    assert_422_naming(get(api, key, "graphs/requests", total_units_min=str(2**70), total_units_max=str(2**65)), "total_units_min")
     # paging far past the end is an empty page with the right total
     body = get(api, key, "groups/model", current_page=str(2**62)).json()
     assert body["data"] == [] and body["total"] == 2
@@ -169,3 +171,16 @@ def test_bounds_with_sub_millisecond_digits_select_exactly(api, settings, worker
         assert get(api, key, "graphs/requests", **window).json()["summary"]["total"] == expected, window
         r = api.post("/v1/logs/exports", json={"filters": window, "requested_data": ["id"]}, headers={"x-portkey-api-key": key})
         assert r.status_code == 200 and r.json()["total"] == expected, (window, r.text)
+
+
+def test_decimals_rounds_halves_away_from_zero_and_never_gives_negative_zero():
+    import math
+
+    import polars as pl
+
+    from analytics_api.metrics.groups import decimals
+
+    values = [-0.002, -0.004999, 0.00015, -0.00015, 0.125, -0.125, 2.5e-05, 1234.5678]
+    got = pl.DataFrame({"v": values}).select(decimals(pl.col("v"), 2)).to_series().to_list()
+    expected = [float(half_away(Decimal(repr(v)), "0.01")) for v in values]
+    assert got == expected and all(math.copysign(1.0, g) == 1.0 for g in got if g == 0), (got, expected)

@@ -744,3 +744,20 @@ def test_a_second_key_header_does_not_take_a_change_out_of_the_organisations_tra
         "start_time": iso(datetime.now(UTC) - timedelta(hours=1)), "end_time": iso(datetime.now(UTC) + timedelta(hours=1)),
         "organisation_id": org, "request_id": rid})
     assert listed.status_code == 200 and listed.json()["total"] == 1, listed.text
+
+
+def test_a_start_time_with_sub_millisecond_digits_selects_exactly(api, warehouse, make_key, org):
+    """Both bounds are inclusive and records are whole milliseconds: a record at …00.000 is before a start_time
+    of …00.000400 (the DateTime64(3) parameter truncated it, as it did for analytics)."""
+    from ingest.sink import insert_rows
+
+    t0 = datetime(2026, 11, 20, 10, 0, tzinfo=UTC)
+    record = {"request_id": f"r-{org}", "phase": "final", "timestamp": "2026-11-20T10:00:00.000Z", "method": "POST",
+              "uri": "/v1/x", "organisation_id": org, "response_status_code": 200}
+    insert_rows(warehouse, AUDIT, [AUDIT.encode(orjson.dumps(record))])
+    key = make_key(org, scopes=["audit_logs.read"])
+    us = timedelta(microseconds=400)
+    for start, expected in ((t0 + us, 0), (t0, 1), (t0 - us, 1)):
+        r = api.get("/v1/audit-logs", params={"start_time": start.isoformat(), "end_time": (t0 + timedelta(minutes=1)).isoformat(),
+                                              "organisation_id": org}, headers={"x-portkey-api-key": key})
+        assert r.status_code == 200 and r.json()["total"] == expected, (start, r.text)

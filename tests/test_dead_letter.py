@@ -136,6 +136,8 @@ def gateway_corpus(org: str, seed: int = 1) -> list[Case]:
     mutated("metadata object with a number value", numeric_metadata, "metadata")
     mutated("request as a list", lambda ev: ev.__setitem__("request", [ev["request"]]), "request")
     mutated("created_at not a date", lambda ev: ev.__setitem__("created_at", "yesterday"), "created_at")
+    mutated("created_at with a non-ASCII digit past the microsecond",
+            lambda ev: ev.__setitem__("created_at", "2024-01-01T00:00:00.123456\u0667Z"), "created_at")
     mutated("is_success as \"yes\"", setm("is_success", "yes"), "is_success")
     mutated("_id as a number", lambda ev: ev.__setitem__("_id", 12345), "_id")
     mutated("request.headers as a list", lambda ev: ev["request"].__setitem__("headers", ["content-type"]), "request.headers")
@@ -350,6 +352,41 @@ def test_a_decoder_bug_dead_letters_the_event_and_the_partition_moves_on(setting
     (letter,) = read_topic(broker.bootstrap, settings.topic_dead_letter, 1)
     assert letter.value == poison
     assert b"KeyError" in dict(letter.headers)["tollgate.reason"]
+
+
+def test_metrics_id_is_free_when_the_event_has_its_own_id():
+    """metrics.id is held to 1-256 characters only when it is the event's id (no `_id`, no `id`)."""
+    for metrics_id in ("", "x" * 300):
+        ev = gateway_log(CORPUS_ORG, rng=random.Random(1))
+        ev["metrics"]["id"] = metrics_id
+        assert decode_gateway_log(_dumps(ev))[0] == ev["_id"]
+
+
+def test_a_memory_error_while_decoding_stops_the_step_instead_of_dead_lettering(settings, broker, warehouse, org):
+    """MemoryError says nothing about the event: it must not be dead-lettered and committed past (a valid event
+    lost from the table); it propagates, so the worker stops and the event is consumed again."""
+    good = _dumps(gateway_log(org, rng=random.Random(1)))
+    raised = []
+
+    def low_memory(value: bytes) -> tuple:
+        if not raised:
+            raised.append(1)
+            raise MemoryError()
+        return decode_gateway_log(value)
+
+    producer = make_producer(broker.bootstrap)
+    committed: dict = {}
+    pipe = build_pipeline(Codec(GENERATIONS.table, GENERATIONS.columns, low_memory), DirectSink(settings.warehouse_dsn),
+                          DeadLetterQueue(producer, settings.topic_dead_letter), committed.update, batch_size=1000,
+                          batch_seconds=60, max_event_bytes=MAX_EVENT_BYTES)
+    try:
+        with pytest.raises(MemoryError):
+            pipe.submit(Message("src", 0, 0, good))
+        pipe.join(30)
+    finally:
+        pipe.close()
+        producer.close()
+    assert committed == {} and count_generations(warehouse, org) == 0
 
 
 # --------------------------------------------------------------------------- property tests

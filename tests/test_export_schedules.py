@@ -341,10 +341,10 @@ def test_two_organisations_never_share_a_schedule_directory():
             timezone="UTC", window_kind="hour", filters="{}", requested_data=("id",), format="jsonl", destination="local",
             prefix="lake", status="active", start_at=now, created_at=now, updated_at=now, version=1))
 
-    orgs = ["acme corp", "acme_corp", "acme/corp", "acme%20corp", "ünï", "___", ".", "..", "a.b", "a%2Eb", "org-1"]
+    orgs = ["acme corp", "acme_corp", "acme/corp", "acme%20corp", "ünï", "___", ".", "..", "%2E", "a.b", "a%2Eb", "org-1", "_"]
     roots = [root(o) for o in orgs]
     assert len(set(roots)) == len(orgs), roots
     for r in roots:
         segment = r.split("/")[1]
         assert r == f"schedules/{segment}/lake" and segment not in (".", "..") and "/" not in segment
-    assert root("org-1") == "schedules/org-1/lake"  # plain ids keep their directory
+    assert root("org-1") == "schedules/org-1/lake" and root("acme.io") == "schedules/acme.io/lake"  # as before

@@ -300,6 +300,31 @@ def test_an_update_that_names_no_workspace_keeps_the_exports(local, dataset, mak
     assert r.status_code == 200 and local.get(f"/v1/logs/exports/{export_id}", headers=h(key)).json()["workspace_id"] == "default"
 
 
+def test_a_filter_with_an_integer_beyond_64_bits_runs_as_it_counted(api, warehouse, make_key, org):
+    """An export stores its filters as JSON text and runs them later: read back, an integer beyond 64 bits
+    must stay that integer (orjson made it a float: the export counted one row and wrote none)."""
+    import random
+
+    from factories import gateway_log
+    from ingest.events import GENERATIONS
+    from ingest.sink import insert_rows
+
+    big, t0 = 2**70, datetime(2026, 11, 20, 10, tzinfo=UTC)
+    ev = gateway_log(org, rng=random.Random(3), created_at=t0)
+    ev["metrics"].pop("metadata.key"), ev["metrics"].pop("metadata.value")
+    ev["metrics"]["metadata"] = {"v": str(big)}
+    insert_rows(warehouse, GENERATIONS, [GENERATIONS.encode(json.dumps(ev).encode())])
+    key = make_key(org)
+    window = {"time_of_generation_min": (t0 - timedelta(hours=1)).isoformat(), "time_of_generation_max": (t0 + timedelta(hours=1)).isoformat()}
+    r = create(api, key, {**window, "metadata": {"v": big}}, ["id"])
+    assert r.status_code == 200 and r.json()["total"] == 1, r.text
+    export_id = r.json()["id"]
+    assert api.post(f"/v1/logs/exports/{export_id}/start", headers=h(key)).status_code == 200
+    assert wait_until(lambda: api.get(f"/v1/logs/exports/{export_id}", headers=h(key)).json()["status"] in ("success", "failed"))
+    item = api.get(f"/v1/logs/exports/{export_id}", headers=h(key)).json()
+    assert (item["status"], item["rows_written"], item["filters"]["metadata"]) == ("success", 1, {"v": big}), item
+
+
 def test_workspace_key_exports_its_workspace_only(local, dataset, make_key):
     key = make_key(dataset["org"], workspace="other")
     created, _ = run_export(local, key, {**WINDOW, "workspace_slug": "default"}, ["id"])

@@ -327,3 +327,20 @@ def test_updates_right_after_the_post_and_each_other_build_on_each_other(setting
     row = stored(warehouse, org)[fid]
     assert (row["value"], row["weight"], row["metadata"], row["trace_id"]) == (7, 0.25, {"b": "2"}, "quick-1")
     assert put(api, make_key(org, workspace="ws-1", scopes=["feedback.write"]), fid, {"value": 0}).status_code == 404
+
+
+def test_the_published_feedback_kept_for_updates_is_bounded_in_bytes():
+    """What the API keeps of the feedback it published (for updates that build on it) is capped in bytes,
+    the newest kept: a client posting large metadata cannot make it grow without bound."""
+    from analytics_api.auth import Principal
+    from analytics_api.routers.feedback import _Published
+
+    kept = _Published(max_bytes=10_000)
+    events = [{"id": f"f{i}", "organisation_id": "o", "created_at": "2026-11-20T10:00:00.000Z", "trace_id": "t",
+               "value": 1, "metadata": {"blob": "x" * 900}} for i in range(40)]
+    kept.add(events, [json.dumps(e).encode() for e in events])
+    principal = Principal(organisation_id="o", workspace_slug=None, key_id="k", scopes=frozenset())
+    present = [e["id"] for e in events if kept.get(principal, e["id"]) is not None]
+    assert kept._bytes <= 10_000 and present == [f"f{i}" for i in range(40 - len(present), 40)] and len(present) >= 9
+    assert kept.get(principal, "f39")["metadata"]["blob"] == "x" * 900
+    assert kept.get(Principal(organisation_id="other", workspace_slug=None, key_id="k", scopes=frozenset()), "f39") is None

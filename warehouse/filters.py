@@ -67,10 +67,8 @@ def compile_where(f: Filters, scope: TenantScope) -> Where:
     """The WHERE condition (without the keyword) selecting the filtered generations."""
     sql, base = scope.where()
     parts = [sql, "created_at >= {t_start:DateTime64(3, 'UTC')}", "created_at <= {t_end:DateTime64(3, 'UTC')}"]
-    # Stored times are whole milliseconds and a DateTime64(3) parameter drops the digits past them: exact
-    # for the end (created_at ≤ …59.999400 ⇔ ≤ …59.999), but the start must round up (≥ …00.000400 ⇔ ≥ …00.001).
-    start = f.start + timedelta(microseconds=-f.start.microsecond % 1000)
-    params: dict[str, object] = {**base, "t_start": _utc_naive(start), "t_end": _utc_naive(f.end)}
+    t_start, t_end = ms_bounds(f.start, f.end)
+    params: dict[str, object] = {**base, "t_start": t_start, "t_end": t_end}
 
     for name, column, ch_type in RANGE_FILTERS:
         low, high = f.ranges.get(name, (None, None))
@@ -136,6 +134,15 @@ def compile_where(f: Filters, scope: TenantScope) -> Where:
             f"AND {' AND '.join(test)})"
         )
     return Where(" AND ".join(f"({p})" for p in parts), params, only_traces_with_feedback=low is not None or high is not None)
+
+
+def ms_bounds(start: datetime, end: datetime) -> tuple[datetime, datetime]:
+    """Inclusive bounds of an aware range as naive UTC parameters for a DateTime64(3) column.
+
+    Stored times are whole milliseconds and such a parameter drops the digits past them: exact for
+    the end (≤ …59.999400 ⇔ ≤ …59.999), but the start must round up (≥ …00.000400 ⇔ ≥ …00.001)."""
+    start = start + timedelta(microseconds=-start.microsecond % 1000)
+    return _utc_naive(start), _utc_naive(end)
 
 
 def _utc_naive(ts: datetime) -> datetime:

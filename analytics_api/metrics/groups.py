@@ -22,7 +22,8 @@ def decimals(expr: pl.Expr, places: int) -> pl.Expr:
     All in floats, so that no huge value overflows an integer cast."""
     scaled = (expr.cast(pl.Float64) * 10**places).round(6)
     # The final round() removes the noise of Polars dividing by multiplying with 1/scale.
-    return (((scaled.abs() + 0.5).floor() * scaled.sign()) / 10**places).round(places)
+    rounded = (((scaled.abs() + 0.5).floor() * scaled.sign()) / 10**places).round(places)
+    return pl.when(rounded == 0).then(0.0).otherwise(rounded)  # never -0.0 (JSON `-0.0`)
 
 
 def utc_text(name: str) -> pl.Expr:

@@ -50,7 +50,7 @@ def _fields(body: dict, principal: Principal, settings, current: q.ScheduleRow |
     if current is None and "window" not in body:
         raise jobs.invalid("window", f"required: one of {', '.join(schedules.WINDOWS)}")
     window = schedules.parse_window(pick("window", current.window_kind if current else None))
-    raw_filters = pick("filters", orjson.loads(current.filters) if current else {})
+    raw_filters = pick("filters", jobs.stored_filters(current.filters) if current else {})
     named = [("workspace_id", body.get("workspace_id")),
              ("filters.workspace_slug", raw_filters.get("workspace_slug") if isinstance(raw_filters, dict) else None)]
     workspace = jobs.resolve_workspace(principal, named, current.workspace_slug if current else settings.default_workspace)

@@ -86,25 +86,30 @@ class _Published:
     """The feedback events this process published lately, by (organisation, id): what an update builds
     on when ingest has not stored them yet (feedback is read back from ClickHouse, which is behind Kafka
     by the ingest lag). Without it, a second update right after a first would rebuild the omitted fields
-    from the version before the first, undoing it, and an update right after the POST would be a 404."""
+    from the version before the first, undoing it, and an update right after the POST would be a 404.
 
-    def __init__(self, size: int = 10_000):
-        self.size = size
-        self._events: OrderedDict[tuple[str, str], dict] = OrderedDict()
+    It keeps the events' JSON (as produced), the newest first, up to ``max_bytes`` in all: a bound on
+    memory whatever the events hold (one may carry up to TOLLGATE_INGEST_MAX_EVENT_BYTES of metadata)."""
+
+    def __init__(self, max_bytes: int = 16 << 20):
+        self.max_bytes = max_bytes
+        self._events: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
 
-    def add(self, events: list[dict]) -> None:
+    def add(self, events: list[dict], values: list[bytes]) -> None:
         with self._lock:
-            for event in events:
+            for event, value in zip(events, values):
                 key = (event["organisation_id"], event["id"])
-                self._events[key] = event
-                self._events.move_to_end(key)
-            while len(self._events) > self.size:
-                self._events.popitem(last=False)
+                self._bytes += len(value) - len(self._events.pop(key, b""))
+                self._events[key] = value
+            while self._bytes > self.max_bytes:
+                self._bytes -= len(self._events.popitem(last=False)[1])
 
     def get(self, principal: Principal, feedback_id: str) -> dict | None:
         with self._lock:
-            event = self._events.get((principal.organisation_id, feedback_id))
+            value = self._events.get((principal.organisation_id, feedback_id))
+        event = None if value is None else orjson.loads(value)
         if event is None or (principal.workspace_slug is not None and event.get("workspace_slug", "") != principal.workspace_slug):
             return None  # the tenant rule of get_feedback: a workspace key sees its own workspace only
         return event
@@ -166,7 +171,7 @@ def create_feedback(
     values = _encode(events, settings.ingest_max_event_bytes, single)
     key = events[0]["id"].encode()  # one key: the request's events go to one partition, in one batch
     request.app.state.publisher.publish(settings.topic_feedback, values, [key] * len(values))
-    _published.add(events)
+    _published.add(events, values)
     ids = [e["id"] for e in events]
     return {"status": "success", "message": f"{len(ids)} feedback saved", "feedback_ids": ids}
 
@@ -205,5 +210,5 @@ def update_feedback(
         event["workspace_slug"] = current["workspace_slug"]
     values = _encode([event], settings.ingest_max_event_bytes, True)
     request.app.state.publisher.publish(settings.topic_feedback, values, [event["id"].encode()])
-    _published.add([event])
+    _published.add([event], values)
     return {"status": "success", "message": "feedback updated", "feedback_ids": [event["id"]]}

@@ -9,10 +9,12 @@ applies after FINAL, so a status filter sees the final status.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
+
+from warehouse.filters import ms_bounds
 
 # filter name (the API's query parameter) → (column, ClickHouse type); matched with =
 FILTERS: dict[str, tuple[str, str]] = {
@@ -47,17 +49,14 @@ class AuditQuery:
     offset: int = 0
 
 
-def _utc_naive(ts: datetime) -> datetime:
-    return ts.astimezone(UTC).replace(tzinfo=None)
-
-
 def compile_where(q: AuditQuery) -> tuple[str, dict[str, Any]]:
     parts = [
         "organisation_id = {org:String}",
         "timestamp >= {t_start:DateTime64(3, 'UTC')}",
         "timestamp <= {t_end:DateTime64(3, 'UTC')}",
     ]
-    params: dict[str, Any] = {"org": q.organisation_id, "t_start": _utc_naive(q.start), "t_end": _utc_naive(q.end)}
+    t_start, t_end = ms_bounds(q.start, q.end)
+    params: dict[str, Any] = {"org": q.organisation_id, "t_start": t_start, "t_end": t_end}
     if q.workspace_id is not None:
         parts.append("workspace_id = {scope_ws:String}")
         params["scope_ws"] = q.workspace_id

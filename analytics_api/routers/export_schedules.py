@@ -11,7 +11,6 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
 
 from analytics_api.auth import Principal, require

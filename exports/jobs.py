@@ -232,11 +232,15 @@ class ExportRunner:
 
     # ------------------------------------------------------------------ control
 
-    def submit(self, job_id: str) -> None:
+    def submit(self, job_id: str) -> bool:
+        """Queue a run of a started export; False when this process runs (or queued) it already."""
         with self._lock:
+            if job_id in self._cancel:
+                return False
             self._cancel[job_id] = threading.Event()
             self._done[job_id] = threading.Event()
         self.executor.submit(self._run_safely, job_id)
+        return True
 
     def cancel(self, job_id: str, wait: float = CANCEL_WAIT_SECONDS) -> bool:
         """Signal a running export of this process; True once its files are removed (or it was not here)."""
@@ -248,12 +252,20 @@ class ExportRunner:
         return done.wait(wait)
 
     def close(self) -> None:
-        """Stop: running exports end as failed ("interrupted") and leave no files."""
+        """Stop: running exports end as failed ("interrupted") and leave no files; so do the queued ones,
+        which never ran (their futures are cancelled)."""
         self._closing.set()
         with self._lock:
             for event in self._cancel.values():
                 event.set()
         self.executor.shutdown(wait=True, cancel_futures=True)
+        with self._lock:  # what is left was submitted and never ran (a run removes its own entries)
+            queued, self._cancel, self._done = list(self._cancel), {}, {}
+        for job_id in queued:
+            job = self._control(q.get_job_by_id, job_id)
+            if job is not None and job.status == "in_progress":
+                self._write(next_version(job, "failed", error="interrupted: the API process stopped before it ran",
+                                         finished_at=datetime.now(UTC)))
 
     # ------------------------------------------------------------------ the run
 

@@ -185,8 +185,14 @@ class PartWriter:
                 self._close_part()
 
     def _close_part(self) -> None:
-        part, self._part = self._part, None
-        part.finish()
+        part = self._part
+        try:
+            part.finish()  # S3: the last part upload and CompleteMultipartUpload
+        except BaseException:
+            self._part = None
+            part.abort()  # a failed finish leaves no open multipart upload (nor a half-written file)
+            raise
+        self._part = None
         self.files.append(FileInfo(self._name(), part.rows, part.sink.size, part.sink.sha256))
 
     def finish(self) -> list[FileInfo]:

@@ -28,6 +28,7 @@ from analytics_api.app import create_app
 from conftest import read_topic, wait_until
 from export_helpers import (ALL_COLUMNS, DAY, METRIC_COLUMNS, WINDOW, S3Server, expected_rows, feedback_events, ingest,
                             make_events, normalize_exported, selected_ids)
+from exports import destinations as d
 from warehouse.queries import exports as q
 
 HEADER = "x-portkey-api-key"
@@ -546,3 +547,101 @@ def test_a_destination_that_fails_makes_a_failed_export_with_its_reason(settings
         assert item["status"] == "failed" and "NoSuchBucket" in item["error"] and item["files"] == []
         assert api.get(f"/v1/logs/exports/{export_id}/download", headers=h(key)).status_code == 409
         assert s3.keys(f"tg/exports/{export_id}/") == []
+
+
+class _Injected(Exception):
+    pass
+
+
+def test_s3_upload_failing_at_its_last_step_leaves_no_multipart_upload(settings, s3, dataset, make_key, monkeypatch):
+    """docs/exports.md: a failed export leaves nothing (an S3 multipart upload is aborted). The fault: S3
+    refuses the CompleteMultipartUpload of the part (a transient error at the last step of the file)."""
+    monkeypatch.setattr(d, "S3_PART_BYTES", 256 * 1024)  # several multipart parts for this small dataset
+    original_init = d.S3Destination.__init__
+
+    def init(self, settings):
+        original_init(self, settings)
+
+        def refuse(**kwargs):
+            raise _Injected("S3 unavailable (injected at CompleteMultipartUpload)")
+
+        self.client.meta.events.register("before-call.s3.CompleteMultipartUpload", refuse)
+
+    monkeypatch.setattr(d.S3Destination, "__init__", init)
+    key = make_key(dataset["org"])
+    with make_client(settings, export_part_rows=1_000_000, **s3.settings()) as api:
+        export_id = create(api, key, WINDOW, ALL_COLUMNS, "jsonl").json()["id"]
+        assert api.post(f"/v1/logs/exports/{export_id}/start", headers=h(key)).status_code == 200
+        assert wait_until(lambda: api.get(f"/v1/logs/exports/{export_id}", headers=h(key)).json()["status"]
+                          != "in_progress", timeout=60)
+        item = api.get(f"/v1/logs/exports/{export_id}", headers=h(key)).json()
+        assert item["status"] == "failed", item
+        assert s3.keys(f"tg/exports/{export_id}/") == []
+        uploads = [u["Key"] for u in s3.client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", [])
+                   if f"exports/{export_id}/" in u["Key"]]
+        assert uploads == [], f"multipart upload left open after the failed export: {uploads}"
+
+
+def test_two_concurrent_starts_run_the_export_once(settings, tmp_path, dataset, make_key, monkeypatch):
+    """docs/exports.md: start is draft → in_progress, 409 unless draft. Two start requests racing (a double
+    click, a client retry) must not both be accepted: each accepted start runs a runner on the same files."""
+    from exports import jobs as export_jobs
+
+    submitted: list[str] = []
+    original_submit = export_jobs.ExportRunner.submit
+
+    def counting_submit(self, job_id):
+        submitted.append(job_id)
+        return original_submit(self, job_id)
+
+    monkeypatch.setattr(export_jobs.ExportRunner, "submit", counting_submit)
+    key = make_key(dataset["org"])
+    doubled = []
+    with make_client(settings, export_dir=tmp_path / "exports") as api:
+        for _ in range(8):
+            export_id = create(api, key, WINDOW, ["id"], "jsonl").json()["id"]
+            barrier = threading.Barrier(2)
+            codes = []
+
+            def start():
+                barrier.wait()
+                codes.append(api.post(f"/v1/logs/exports/{export_id}/start", headers=h(key)).status_code)
+
+            threads = [threading.Thread(target=start) for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if sorted(codes) != [200, 409] or submitted.count(export_id) != 1:
+                doubled.append((export_id, sorted(codes), submitted.count(export_id)))
+            assert wait_until(lambda: api.get(f"/v1/logs/exports/{export_id}", headers=h(key)).json()["status"]
+                              != "in_progress", timeout=30)
+    assert doubled == [], f"(export, start answers, runners) accepted twice: {doubled}"
+
+
+def test_stopping_the_api_fails_a_queued_export_too(settings, tmp_path, dataset, make_key, monkeypatch):
+    """docs/exports.md: with TOLLGATE_EXPORT_WORKERS busy the others wait `in_progress`; 'When the process running
+    an export stops, the export ends `failed` (`interrupted: …`)'. One worker: export A is held in its first
+    slice (a gate in the stream), export B waits its turn; the API stops. Both must end failed."""
+    gate, reached = threading.Event(), threading.Event()
+    original = q.Stream.read
+
+    def held_read(self, lo, hi):
+        reached.set()
+        gate.wait(30)
+        return original(self, lo, hi)
+
+    monkeypatch.setattr(q.Stream, "read", held_read)
+    key = make_key(dataset["org"])
+    api = make_client(settings, export_dir=tmp_path / "exports", export_workers=1)
+    with api:
+        a = create(api, key, WINDOW, ["id"], "jsonl").json()["id"]
+        b = create(api, key, WINDOW, ["id"], "jsonl").json()["id"]
+        assert api.post(f"/v1/logs/exports/{a}/start", headers=h(key)).status_code == 200
+        assert reached.wait(30)
+        assert api.post(f"/v1/logs/exports/{b}/start", headers=h(key)).status_code == 200
+        threading.Timer(1.0, gate.set).start()
+    # the process stopped; read the jobs back from the warehouse with a fresh app
+    with make_client(settings, export_dir=tmp_path / "exports") as again:
+        status = {x: again.get(f"/v1/logs/exports/{x}", headers=h(key)).json()["status"] for x in (a, b)}
+    assert status == {a: "failed", b: "failed"}, status

@@ -7,6 +7,7 @@ authenticated by its signature instead of an API key.
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
 from typing import Any
 
@@ -127,17 +128,25 @@ def update_export(exportId: str, request: Request, payload: Any = Body(None),
     return {"id": job.id, "total": total, "object": "export"}
 
 
+# Two starts of one draft racing in this process (a double click, a client retry): one at a time, so the
+# second reads the first one's `in_progress` and is a 409 (across API processes, the runner of each
+# process runs an export once: ExportRunner.submit).
+_starting = threading.Lock()
+
+
 @router.post("/{exportId}/start", summary="Start log export (draft → in_progress; runs in the background)")
 def start_export(exportId: str, request: Request, principal: Principal = Depends(require("exports.write"))) -> dict:
-    job = _load(request, principal, exportId)
-    if job.status != "draft":
-        raise HTTPException(409, f"export {job.id} is {job.status}: only a draft can be started")
-    with _state(request).warehouse.borrow() as client:
-        q.write_job(client, jobs.next_version(job, "in_progress", started_at=datetime.now(UTC), rows_written=0))
-        current = q.get_job_by_id(client, job.id)
-    if current is None or current.status != "in_progress" or current.started_at is None:
-        raise HTTPException(409, f"export {job.id} is {current.status if current else 'gone'}: it was not started")
-    _state(request).exports.submit(job.id)
+    with _starting:
+        job = _load(request, principal, exportId)
+        if job.status != "draft":
+            raise HTTPException(409, f"export {job.id} is {job.status}: only a draft can be started")
+        with _state(request).warehouse.borrow() as client:
+            q.write_job(client, jobs.next_version(job, "in_progress", started_at=datetime.now(UTC), rows_written=0))
+            current = q.get_job_by_id(client, job.id)
+        if current is None or current.status != "in_progress" or current.started_at is None:
+            raise HTTPException(409, f"export {job.id} is {current.status if current else 'gone'}: it was not started")
+        if not _state(request).exports.submit(job.id):
+            raise HTTPException(409, f"export {job.id} is running already")
     return {"message": f"export {job.id} started", "object": "export"}
 
 

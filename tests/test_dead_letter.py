@@ -75,7 +75,7 @@ def _dumps(ev: Any) -> bytes:
 DEEP = b"[" * 1200 + b"]" * 1200  # valid JSON, 2.4 KB
 
 
-def gateway_corpus(org: str, seed: int = 1) -> list[Case]:
+def gateway_corpus(org: str, seed: int | str = 1) -> list[Case]:
     rng = random.Random(seed)
     cases: list[Case] = []
 
@@ -199,7 +199,7 @@ def gateway_corpus(org: str, seed: int = 1) -> list[Case]:
     return cases
 
 
-def feedback_corpus(org: str, seed: int = 2) -> list[Case]:
+def feedback_corpus(org: str, seed: int | str = 2) -> list[Case]:
     rng = random.Random(seed)
     cases: list[Case] = []
 
@@ -637,8 +637,9 @@ def test_malformed_events_are_dead_lettered_and_good_ones_stored(small_event_ing
     pending: list[tuple[Case | None, str, Any]] = []
     try:
         for topic, corpus, make_good, good_ids in (
-            (s.topic_gateway_logs, gateway_corpus(org), lambda: gateway_log(org, rng=rng), None),
-            (s.topic_feedback, feedback_corpus(org), lambda: good_feedback(org, rng), good_feedback_ids),
+            # the corpus too: its ids drawn from this test's own seeds, not from ones other tests may also use
+            (s.topic_gateway_logs, gateway_corpus(org, seed=f"{org}:gateway"), lambda: gateway_log(org, rng=rng), None),
+            (s.topic_feedback, feedback_corpus(org, seed=f"{org}:feedback"), lambda: good_feedback(org, rng), good_feedback_ids),
         ):
             for case in [*corpus, None]:  # None: the good events after the last bad one
                 for _ in range(3):
@@ -701,8 +702,8 @@ def test_malformed_events_are_dead_lettered_and_good_ones_stored(small_event_ing
                 assert r.value == p.case.value, p.case.label
 
     # none of the bad events is stored, under this org or any other
-    bad_ids = sorted({str(p.case.log_id) for p in produced if p.case.log_id} - good_log_ids - good_feedback_ids)
-    for table in ("generations", "feedback"):
+    for table, topic in (("generations", s.topic_gateway_logs), ("feedback", s.topic_feedback)):
+        bad_ids = sorted({str(p.case.log_id) for p in produced if p.case.log_id and p.topic == topic} - good_log_ids - good_feedback_ids)
         leaked = warehouse.query(f"SELECT id FROM {table} WHERE id IN {{ids:Array(String)}}", parameters={"ids": bad_ids}).result_rows
         assert not leaked, (table, leaked)
 

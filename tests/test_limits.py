@@ -714,6 +714,47 @@ def test_a_workspace_policys_records_name_its_workspace(lapi, lsettings, workers
     job.close()
 
 
+def _sums_per_refresh(job, clock, times):
+    calls = []
+    real = job.closed._sum
+
+    def spy(*a, **k):
+        calls.append(clock())
+        return real(*a, **k)
+
+    job.closed._sum = spy
+    out = []
+    for t in times:
+        clock.set(t)
+        before = len(calls)
+        job.run_once()
+        out.append(len(calls) - before)
+    return out
+
+
+def test_a_young_rate_limit_keeps_unchanged_refreshes_free(lapi, lsettings, workers, warehouse, producer,
+                                                                     make_key, org, clock):
+    key = make_key(org)
+    rng = random.Random(4)
+    events = [log(org, f"2026-10-27T{h:02d}:10:00", rng=rng) for h in range(0, 24)]
+    publish(producer, lsettings.topic_gateway_logs, events)
+    assert wait_until(lambda: count_generations(warehouse, org) == len(events))
+    clock.set("2026-10-27T00:00:00")
+    for i in range(5):  # usage limits: a day of closed hour segments each
+        create(lapi, key, "usage-limits", {"conditions": [{"key": "workspace_id", "value": "ws-a"}],
+                                           "group_by": [{"key": "api_key"}], "type": "cost", "credit_limit": 1e9 + i})
+    clock.set("2026-10-28T10:00:00")
+    create(lapi, key, "rate-limits", {"conditions": [{"key": "workspace_id", "value": "ws-a"}],
+                                      "group_by": [{"key": "api_key"}], "type": "requests", "unit": "rpd", "value": 10**6})
+    job = new_job(lsettings, clock, org)
+    counts = _sums_per_refresh(job, clock, ["2026-10-28T10:20:00", "2026-10-28T10:20:05", "2026-10-28T10:20:10",
+                                            "2026-10-28T10:20:15"])
+    # the same segments, no new data: after the first refresh nothing is summed again (it is not, with an rpd
+    # policy older than a day)
+    assert counts[1:] == [0, 0, 0], counts
+    job.close()
+
+
 # --------------------------------------------------------------------------- alert-once across crashes
 
 

@@ -114,8 +114,16 @@ def test_bad_numbers_and_names_are_usage_errors_not_tracebacks(tmp_path):
         assert r.returncode == 2 and named in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-500:])
     r = _run("keys", "create", "--org", " ", "--data-dir", str(tmp_path / "d"))
     assert r.returncode == 2 and "--org" in r.stderr and "Traceback" not in r.stderr, r.stderr[-500:]
-    r = _run("settle", "--data-dir", str(tmp_path / "missing"))
-    assert r.returncode == 1 and "no data dir" in r.stderr and not (tmp_path / "missing").exists(), r.stderr[-500:]
+    for data_dir in (tmp_path / "missing", tmp_path / "empty"):  # no warehouse: settle creates none
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        r = _run("settle", "--data-dir", str(data_dir))
+        assert r.returncode == 1 and "no embedded warehouse" in r.stderr, r.stderr[-500:]
+        assert not (data_dir / "warehouse").exists()
+    # a warehouse named by an explicit chdb DSN (not under the data dir) is settled
+    env = {**os.environ, "TOLLGATE_CLICKHOUSE_DSN": f"chdb://{tmp_path / 'wh'}"}
+    assert _run("migrate", env=env).returncode == 0
+    r = _run("settle", env=env)
+    assert r.returncode == 0 and r.stdout.startswith("settled 0 day(s)"), r.stderr[-500:]
 
 
 def test_ingest_on_a_data_dir_another_process_holds_exits_with_an_error(tmp_path, broker):
@@ -194,3 +202,24 @@ def test_a_killed_parent_takes_the_embedded_broker_with_it():
         time.sleep(0.1)
     os.kill(broker_pid, signal.SIGKILL)
     raise AssertionError("the broker outlived its killed parent")
+
+
+def test_a_busy_port_is_an_error_line_and_up_keeps_no_unseen_admin_key(tmp_path, broker):
+    """A busy API or metrics port: one `error:` line naming it, exit 1, no traceback. `tollgate up` creates its
+    admin key only once it cannot fail any more: a key it never printed would leave the operator without one."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = _run("api", "--port", str(port), "--data-dir", str(tmp_path / "api"),
+                 env={**os.environ, "TOLLGATE_KAFKA_BOOTSTRAP": broker.bootstrap})
+        assert r.returncode == 1 and f"127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr, r.stderr[-800:]
+        env = {**os.environ, "TOLLGATE_METRICS_HOST": "127.0.0.1", "TOLLGATE_METRICS_PORT": str(port)}
+        r = _run("up", "--port", str(free_port()), "--data-dir", str(tmp_path / "up"), env=env)
+        assert r.returncode == 1 and "TOLLGATE_METRICS_PORT" in r.stderr and "Traceback" not in r.stderr, r.stderr[-800:]
+    keys = subprocess.run([sys.executable, "-c", "import sys\nfrom warehouse.client import connect\n"
+                           "print(connect(sys.argv[1]).command('SELECT count() FROM api_keys'))",
+                           f"chdb://{tmp_path / 'up' / 'warehouse'}"], capture_output=True, text=True, check=True)
+    assert keys.stdout.strip() == "0"

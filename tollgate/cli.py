@@ -43,12 +43,12 @@ def cmd_migrate(args) -> int:
 
 
 def cmd_settle(args) -> int:
-    from warehouse.client import connect
+    from warehouse.client import chdb_path, connect
     from warehouse.settle import settle
 
     s = _settings(args)
-    if s.is_embedded_warehouse and not s.data_dir.is_dir():
-        print(f"error: no data dir at {s.data_dir} (nothing to settle)", file=sys.stderr)
+    if s.is_embedded_warehouse and not Path(chdb_path(s.warehouse_dsn)).is_dir():  # connect() would create one
+        print(f"error: no embedded warehouse at {chdb_path(s.warehouse_dsn)} (nothing to settle)", file=sys.stderr)
         return 1
     done = settle(connect(s.warehouse_dsn), max_days=args.max_days or s.settle_max_days)
     print(f"settled {len(done)} day(s)" + (": " + ", ".join(str(d.day) for d in done) if done else ""))

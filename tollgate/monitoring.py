@@ -152,7 +152,10 @@ def serve(host: str, port: int | None) -> None:
     """The metrics server of a role without an API (``TOLLGATE_METRICS_PORT``; unset: none)."""
     if port is None:
         return
-    prometheus_client.start_http_server(port, addr=host, registry=_EXPOSITION)
+    try:
+        prometheus_client.start_http_server(port, addr=host, registry=_EXPOSITION)
+    except OSError as exc:
+        raise OSError(f"the metrics server could not listen on {host}:{port} (TOLLGATE_METRICS_PORT): {exc}") from exc
     log.info("metrics on http://%s:%d/metrics", host, port)
 
 

@@ -153,7 +153,8 @@ class ApiServer:
         deadline = time.monotonic() + timeout
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the API server did not start (is the port free?)")
+                config = self.server.config
+                raise OSError(f"the API server could not listen on {config.host}:{config.port} (is the port free?)")
             time.sleep(0.05)
 
     def stop(self) -> None:
@@ -183,7 +184,6 @@ def up(settings: Settings, host: str, port: int, ingest_workers: int | None = No
         applied = migrate(client, settings.retention_days, audit_retention_days=settings.audit_retention_days,
                           cluster=settings.clickhouse_cluster)
         say(f"warehouse {settings.warehouse_dsn}: {len(applied)} migration(s) applied")
-        admin_key = ensure_admin_key(settings, client)
 
         monitoring.serve(settings.metrics_host, settings.metrics_port)  # besides the API's /metrics, if asked for
         workers = IngestProcesses(settings, bootstrap, ingest_workers or settings.ingest_workers)
@@ -200,6 +200,8 @@ def up(settings: Settings, host: str, port: int, ingest_workers: int | None = No
         api = ApiServer(create_app(settings, bootstrap), host, port, settings.shutdown_grace_seconds)
         api.start()
         cleanup.callback(api.stop)  # first to stop: no new requests while draining
+        # once nothing can fail any more: a key created by a start that then failed would never be shown
+        admin_key = ensure_admin_key(settings, client)
 
         api_url = f"http://{host}:{port}/v1"
         settings.stack_file.write_text(

@@ -308,7 +308,9 @@ class ClosedSegments:
         live: dict[str, list[tuple[int, int | None]]] = {}
         hour = now_ms // HOUR_MS
         for p in policies:
-            plan_key = ((p.policy_id, RATE, p.window_end - p.window_start, hour) if p.kind == RATE  # type: ignore[operator]
+            # a rate limit's closed hours are those from its window's first whole hour to this one (closed_of),
+            # the same at every refresh of the hour, also while a young policy's window is clipped by its baseline
+            plan_key = ((p.policy_id, RATE, -(-p.window_start // HOUR_MS), hour) if p.kind == RATE
                         else (p.policy_id, p.window_start, p.window_end, hour, tuple(p.resets)))
             done = self._plans.get(plan_key)
             if done is None:

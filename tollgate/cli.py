@@ -70,21 +70,16 @@ def cmd_api(args) -> int:
 
 def cmd_scheduler(args) -> int:
     from tollgate.stack import run_scheduler
-    from warehouse.client import WarehouseUnavailable
 
     if args.command == "limits":
         print("note: `tollgate limits` is now `tollgate scheduler` (the limits job, settle and export schedules, "
               "under the scheduler lease)", file=sys.stderr)
-    try:
-        return run_scheduler(_settings(args))
-    except WarehouseUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return run_scheduler(_settings(args))  # a held data dir: main() prints the error
 
 
 def cmd_keys_create(args) -> int:
     from analytics_api.auth import SCOPES, hash_key, new_key, validate_scopes
-    from warehouse.client import WarehouseUnavailable, connect
+    from warehouse.client import connect
     from warehouse.migrate import migrate
     from warehouse.queries import api_keys
 
@@ -97,11 +92,7 @@ def cmd_keys_create(args) -> int:
     except ValueError as exc:
         print(f"error: --scopes: {exc}", file=sys.stderr)
         return 2
-    try:
-        client = connect(s.warehouse_dsn)
-    except WarehouseUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    client = connect(s.warehouse_dsn)  # a held data dir: main() prints the error
     migrate(client, cluster=s.clickhouse_cluster)
     key = new_key()
     row = api_keys.insert(
@@ -284,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         if args.command not in SERVICE_COMMANDS:
             raise
-        logging.exception("tollgate %s failed", args.command)  # then out through os._exit, as on a clean stop
+        logging.getLogger(__name__).exception("tollgate %s failed", args.command)  # then out through os._exit, as on a clean stop
         code = 1
     if args.command in SERVICE_COMMANDS:
         logging.shutdown()

@@ -16,7 +16,7 @@
    writes a live stream (`--layout shuffled`: every INSERT spans the whole window, like a
    backfill, the worst case for FINAL). Feedback for 5 % of the generations (value
    −10..10, weight 0..1, by trace), 5 % of it updated once (a second version); the
-   per-trace sums (feedback_traces) rewritten after each, as the feedback ingest does. The
+   per-trace sums (trace_feedback) rewritten after each, as the feedback ingest does. The
    newest 1M rows (the last 3 days) arrive in 40,000-row inserts, as ingest writes
    them. Then one settle pass, as `tollgate up` runs it (warehouse/settle.py), with "now"
    30 minutes after the last day ended: every earlier day becomes one merged part, the
@@ -362,7 +362,7 @@ def load(data_dir: Path, rows: int, layout: str) -> dict:
         print(f"{data_dir} holds {have:,} rows, not {rows:,} {layout} loaded under the current migrations: reloading", flush=True)
         client.command("TRUNCATE TABLE generations")
         client.command("TRUNCATE TABLE feedback")
-        client.command("TRUNCATE TABLE feedback_traces")
+        client.command("TRUNCATE TABLE trace_feedback")
     t0 = time.perf_counter()
     live = max(rows - CHUNK, 0)
     inserts = [(s, min(CHUNK, live - s)) for s in range(0, live, CHUNK)]
@@ -375,7 +375,7 @@ def load(data_dir: Path, rows: int, layout: str) -> dict:
     gen_s = time.perf_counter() - t0
     from warehouse.queries.feedback import refresh_traces
 
-    # The per-trace feedback sums (feedback_traces), as the feedback ingest keeps them: all the
+    # The per-trace feedback sums (trace_feedback), as the feedback ingest keeps them: all the
     # traces after the first feedback, then the updated ones after the updates (a second part,
     # as live feedback leaves some: FINAL then has parts to merge).
     client.command(FEEDBACK_SQL.format(org=ORG))
@@ -508,7 +508,7 @@ def wait_for_merges(client, timeout: float) -> float:
 
 def active_parts(client) -> dict[str, int]:
     rows = client.query("SELECT table, count() FROM system.parts WHERE active AND database = currentDatabase() "
-                        "AND table IN ('generations', 'feedback', 'feedback_traces') GROUP BY table").result_rows
+                        "AND table IN ('generations', 'feedback', 'trace_feedback') GROUP BY table").result_rows
     return {t: int(c) for t, c in rows}
 
 
@@ -581,7 +581,7 @@ def run(args, data_dir: Path) -> None:
     ws_rows = int(client.command(f"SELECT count() FROM generations FINAL WHERE organisation_id = '{ORG}' AND workspace_slug = '{workspace}'"))
     print(f"load {info['load_seconds']} s{' (reused data dir; time of the original load)' if info['reused'] else ''}; "
           f"waited {merge_s:.0f} s for background merges; active parts: generations {parts_before.get('generations', 0)}, "
-          f"feedback {parts_before.get('feedback', 0)}, feedback_traces {parts_before.get('feedback_traces', 0)}; querying workspace {workspace} ({ws_rows:,} generations in the window)", flush=True)
+          f"feedback {parts_before.get('feedback', 0)}, trace_feedback {parts_before.get('trace_feedback', 0)}; querying workspace {workspace} ({ws_rows:,} generations in the window)", flush=True)
 
     key = new_key()
     api_keys.insert(client, key_hash=hash_key(key), organisation_id=ORG, workspace_slug="", scopes=list(SCOPES), name="bench")

@@ -73,8 +73,8 @@ def insert_rows(client, codec: Codec, rows: list[bytes]) -> None:
 
 def after_insert(client, table: str, columns: list[str], rows) -> None:
     """What must follow an acknowledged insert before its offsets may be committed: for
-    feedback, rewriting the per-trace sums of the batch's traces (``feedback_traces``,
-    migration 0021). A failure here fails the batch, which is inserted again (ClickHouse
+    feedback, rewriting the per-trace sums of the batch's traces (``trace_feedback``,
+    migration 0022). A failure here fails the batch, which is inserted again (ClickHouse
     keeps one version) and rewritten again."""
     if table != "feedback":
         return

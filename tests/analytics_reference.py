@@ -213,9 +213,10 @@ def feedback_frame(events: Iterable[dict], org: str) -> pl.DataFrame:
         updated = to_ms(parse_ts(ev.get("updated_at") or ev["created_at"]))
         if ev["id"] not in latest or updated > latest[ev["id"]][0]:
             latest[ev["id"]] = (updated, ev)
-    rows = [{"fid": fid, "trace": ev["trace_id"], "value": int(ev["value"]), "weight": float(ev.get("weight", 1.0))}
+    rows = [{"fid": fid, "ws": ev.get("workspace_slug") or "", "trace": ev["trace_id"], "value": int(ev["value"]),
+             "weight": float(ev.get("weight", 1.0))}
             for fid, (_, ev) in latest.items()]
-    schema = {"fid": pl.String, "trace": pl.String, "value": pl.Int64, "weight": pl.Float64}
+    schema = {"fid": pl.String, "ws": pl.String, "trace": pl.String, "value": pl.Int64, "weight": pl.Float64}
     return pl.DataFrame(rows, schema=schema, orient="row")
 
 
@@ -235,11 +236,12 @@ def _json_text(value: Any) -> str:
 class Reference:
     def __init__(self, generations: pl.DataFrame, feedback: pl.DataFrame, default_workspace: str = "default"):
         self.feedback = feedback.with_columns(vw=pl.col("value") * pl.col("weight"))
-        self.trace_fb = self.feedback.group_by("trace").agg(
+        # A trace is a trace id within a workspace: feedback counts for its own workspace's requests.
+        self.trace_fb = self.feedback.group_by("ws", "trace").agg(
             fb_n=pl.len(), sum_vw=pl.col("vw").sum(), sum_w=pl.col("weight").sum()
         )
         self.gens = (
-            generations.join(self.trace_fb, on="trace", how="left")
+            generations.join(self.trace_fb, on=["ws", "trace"], how="left")
             .with_columns(
                 has_fb=(pl.col("trace") != "") & pl.col("fb_n").is_not_null(),
                 wavg=pl.col("sum_vw") / pl.col("sum_w"),
@@ -469,10 +471,10 @@ class Reference:
         first = (
             sel.filter(pl.col("trace") != "")
             .sort("ts", "ai_model")  # ties at the same millisecond: the smallest model name
-            .group_by("trace", maintain_order=True)
+            .group_by("ws", "trace", maintain_order=True)
             .agg(pl.col("bucket").first(), pl.col("ai_model").first())
         )
-        return self.feedback.join(first, on="trace", how="inner")
+        return self.feedback.join(first, on=["ws", "trace"], how="inner")
 
     def _graphs_feedbacks(self, sel, window):
         fb = self._attributed_feedback(sel)
@@ -516,7 +518,7 @@ class Reference:
 
     def _trace_feedback_sums(self, sel: pl.DataFrame, key: str) -> dict:
         """Per group: Σ(value·weight) and Σweight over the feedback of the group's distinct traces."""
-        traces = sel.filter(pl.col("has_fb")).select(key, "trace", "sum_vw", "sum_w").unique()
+        traces = sel.filter(pl.col("has_fb")).select(*dict.fromkeys([key, "ws", "trace"]), "sum_vw", "sum_w").unique()
         return {r[key]: (r["vw"], r["w"]) for r in traces.group_by(key).agg(
             vw=pl.col("sum_vw").sum(), w=pl.col("sum_w").sum()).to_dicts()}
 
@@ -601,6 +603,6 @@ class Reference:
             whole = everything[0] if everything else {
                 "n": 0, "errors": 0, "hits": 0, "users": 0, "rwf": 0, "tokens": 0, "req": 0, "res": 0, "rt_sum": 0,
                 "rts": [], "cost": 0.0, "last": None}
-            traces = sel.filter(pl.col("has_fb")).select("trace", "sum_vw", "sum_w").unique()
+            traces = sel.filter(pl.col("has_fb")).select("ws", "trace", "sum_vw", "sum_w").unique()
             body["summary"] = self._columns(whole, (traces["sum_vw"].sum(), traces["sum_w"].sum()), columns)
         return body

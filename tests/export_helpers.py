@@ -54,9 +54,10 @@ def feedback_events(org: str, events: list[dict], seed: int) -> list[dict]:
     rng = random.Random(seed)
     traces = sorted({e["metrics"]["trace_id"] for e in events})
     out = []
-    for t in rng.sample(traces, len(traces) // 3):
-        out.append({"id": str(uuid.uuid4()), "organisation_id": org, "created_at": iso(DAY), "trace_id": t,
-                    "value": rng.randrange(-10, 11), "weight": rng.randrange(1, 9) / 8})
+    for i, t in enumerate(rng.sample(traces, len(traces) // 3)):
+        # Traces span both workspaces; a feedback counts for its own workspace's requests only.
+        out.append({"id": str(uuid.uuid4()), "organisation_id": org, "workspace_slug": "other" if i % 4 == 0 else "default",
+                    "created_at": iso(DAY), "trace_id": t, "value": rng.randrange(-10, 11), "weight": rng.randrange(1, 9) / 8})
     return out
 
 

@@ -28,9 +28,9 @@ def load(settings, warehouse, producer, org, events, feedback=()):
     assert wait_until(lambda: count_generations(warehouse, org) == len(events))
     if feedback:
         publish(producer, settings.topic_feedback, list(feedback))
-        traces = {f["trace_id"] for f in feedback}
+        traces = {(f.get("workspace_slug", ""), f["trace_id"]) for f in feedback}  # a trace is per workspace
         assert wait_until(lambda: int(warehouse.command(
-            "SELECT count() FROM feedback_traces FINAL WHERE organisation_id = {o:String}", parameters={"o": org})) == len(traces))
+            "SELECT count() FROM trace_feedback FINAL WHERE organisation_id = {o:String}", parameters={"o": org})) == len(traces))
 
 
 def assert_422_naming(r, name):
@@ -53,8 +53,8 @@ def three(settings, workers, warehouse, producer, org, make_key):
                     **{"metadata.key": ["_user"], "metadata.value": [user]})
         for i, (cost, model, user) in enumerate(zip(costs, ["gpt-4o", "gpt-4o", "tiny"], ["alice", "alice", "bob"]))
     ]
-    feedback = [{"id": "fb-zero", "organisation_id": org, "created_at": "2026-11-20T10:05:00.000Z", "trace_id": "tr-0",
-                 "value": 5, "weight": 0.0}]
+    feedback = [{"id": "fb-zero", "organisation_id": org, "workspace_slug": "default", "created_at": "2026-11-20T10:05:00.000Z",
+                 "trace_id": "tr-0", "value": 5, "weight": 0.0}]
     load(settings, warehouse, producer, org, events, feedback)
     return {"key": make_key(org), "costs": [Decimal(c) for c in costs]}
 

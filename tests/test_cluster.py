@@ -205,12 +205,15 @@ def test_cluster_mode_runs_on_a_one_shard_cluster_of_the_embedded_engine(tmp_pat
     assert out["clusters"] == [["tg", 1]]
     assert out["applied"] == [m.path.name for m in discover()] and out["applied_again"] == []
     assert out["ddl_on_cluster"] > 40  # every DDL statement was sent ON CLUSTER
-    tables = {re.match(r"CREATE TABLE IF NOT EXISTS (\w+)", s.strip()).group(1)
-              for m in discover() for s in m.statements() if s.strip().startswith("CREATE TABLE")} - {"generations_daily"}
+    statements = [s.strip() for m in discover() for s in m.statements()]
+    dropped = {re.match(r"DROP TABLE (?:IF EXISTS )?(\w+)", s).group(1) for s in statements if s.startswith("DROP TABLE")}
+    assert dropped == {"generations_daily", "feedback_traces"}  # 0015's copy; 0021's sums, replaced by 0022's
+    tables = {re.match(r"CREATE TABLE IF NOT EXISTS (\w+)", s).group(1) for s in statements if s.startswith("CREATE TABLE")} - dropped
     for table in tables | {"schema_migrations"}:
         assert out["engines"][table] == "Distributed", table
         assert out["engines"][f"{table}_local"].endswith("MergeTree"), table
-    assert "generations_daily" not in out["engines"] and "generations_daily_local" not in out["engines"]  # 0015
+    for table in dropped:
+        assert table not in out["engines"] and f"{table}_local" not in out["engines"], table
     assert "cityHash64(organisation_id, workspace_slug, created_at, id)" in out["distributed_generations"]
     assert out["generations_local_ttl"] and out["generations_local_ttl_removed"]  # retention acts on the local table
     assert out["layout"] == "tg"

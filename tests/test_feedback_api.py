@@ -106,7 +106,7 @@ def test_single_and_array_are_produced_and_stored_in_input_order(settings, worke
     for fid, (trace, value, weight, metadata) in expected.items():
         row = rows[fid]
         assert (row["trace_id"], row["value"], row["weight"], row["metadata"]) == (trace, value, weight, metadata), fid
-        assert row["workspace_slug"] == ""  # an organisation key names no workspace
+        assert row["workspace_slug"] == "default"  # an organisation key's: the default workspace, as for custom logs
         assert before <= row["created_at"] <= after and row["updated_at"] == row["created_at"]
 
     # the wire format of docs/events.md, and one Kafka key (so one partition) per request
@@ -114,7 +114,7 @@ def test_single_and_array_are_produced_and_stored_in_input_order(settings, worke
     by_id = {json.loads(rec.value)["id"]: rec for rec in records}
     event = json.loads(by_id[single_id].value)
     assert event["organisation_id"] == org and event["trace_id"] == "trace-single" and event["value"] == 7
-    assert event["created_at"].endswith("Z") and "workspace_slug" not in event
+    assert event["created_at"].endswith("Z") and event["workspace_slug"] == "default"
     assert len({by_id[i].key for i in ids}) == 1 and len({by_id[i].partition for i in ids}) == 1
 
 

@@ -1,4 +1,4 @@
-"""`feedback_traces` (migration 0021): the per-trace feedback sums analytics read stay exactly
+"""`trace_feedback` (migration 0022): the per-trace feedback sums analytics read stay exactly
 those of the latest feedback versions, whatever the ingest sees: new feedback, updates, updates
 redelivered out of order, redelivered batches, and two rewrites of one trace written in the
 wrong order. Expectations are computed in Polars from the events the test sent.
@@ -26,9 +26,9 @@ T0 = datetime(2026, 3, 1, 12, tzinfo=UTC)
 
 
 def feedback_event(org: str, trace: str, value: int, weight: float, at: datetime, fid: str | None = None,
-                   updated: datetime | None = None) -> dict:
-    event = {"id": fid or str(uuid.uuid4()), "organisation_id": org, "trace_id": trace, "value": value,
-             "weight": weight, "created_at": iso(at)}
+                   updated: datetime | None = None, workspace: str = "default") -> dict:
+    event = {"id": fid or str(uuid.uuid4()), "organisation_id": org, "workspace_slug": workspace, "trace_id": trace,
+             "value": value, "weight": weight, "created_at": iso(at)}
     if updated is not None:
         event["updated_at"] = iso(updated)
     return event
@@ -49,10 +49,10 @@ def expected_sums(events: list[dict]) -> pl.DataFrame:
 
 
 def stored_sums(client, org: str, traces: list[str]) -> pl.DataFrame:
-    """feedback_traces FINAL, keyed back to trace ids (their hash computed by ClickHouse, as on insert)."""
+    """trace_feedback FINAL, keyed back to trace ids (their hash computed by ClickHouse, as on insert)."""
     rows = client.query(
         "SELECT t.trace_id, f.feedbacks, f.weighted_sum, f.weight_sum, f.score_values, f.score_counts "
-        "FROM (SELECT * FROM feedback_traces FINAL WHERE organisation_id = {org:String}) AS f "
+        "FROM (SELECT * FROM trace_feedback FINAL WHERE organisation_id = {org:String}) AS f "
         "INNER JOIN (SELECT arrayJoin({traces:Array(String)}) AS trace_id, cityHash64(trace_id) AS h) AS t ON f.trace_hash = t.h "
         "ORDER BY t.trace_id", parameters={"org": org, "traces": traces}).result_rows
     return pl.DataFrame(rows, schema=["trace_id", "feedbacks", "weighted_sum", "weight_sum", "score_values", "score_counts"],
@@ -90,7 +90,7 @@ def test_ingest_keeps_per_trace_sums_exact_through_updates_and_redeliveries(sett
     # the score counts are the latest values' counts
     by_score = latest_versions(events).group_by("value").len().sort("value")
     stored = warehouse.query(
-        "SELECT score, sum(n) FROM (SELECT * FROM feedback_traces FINAL WHERE organisation_id = {org:String}) "
+        "SELECT score, sum(n) FROM (SELECT * FROM trace_feedback FINAL WHERE organisation_id = {org:String}) "
         "ARRAY JOIN score_values AS score, score_counts AS n GROUP BY score ORDER BY score", parameters={"org": org}).result_rows
     assert stored == list(zip(by_score["value"].to_list(), by_score["len"].to_list()))
 
@@ -104,13 +104,13 @@ def test_a_stale_rewrite_written_last_loses(warehouse, org):
 
     good = feedback_event(org, trace, 8, 1.0, T0)
     insert_rows(warehouse, FEEDBACK, [FEEDBACK.encode(orjson.dumps(good))])
-    stale = warehouse.query("SELECT * FROM feedback_traces FINAL WHERE organisation_id = {org:String}",
+    stale = warehouse.query("SELECT * FROM trace_feedback FINAL WHERE organisation_id = {org:String}",
                             parameters={"org": org})
-    assert [r[2] for r in stale.result_rows] == [1]  # one feedback, weighted 8
+    assert [r[3] for r in stale.result_rows] == [1]  # one feedback, weighted 8
 
     bad = {**good, "value": -6, "updated_at": iso(T0 + timedelta(minutes=5))}
     insert_rows(warehouse, FEEDBACK, [FEEDBACK.encode(orjson.dumps(bad))])
-    warehouse.insert("feedback_traces", stale.result_rows, column_names=list(stale.column_names))  # written last
+    warehouse.insert("trace_feedback", stale.result_rows, column_names=list(stale.column_names))  # written last
 
     assert_matches(stored_sums(warehouse, org, [trace]), [good, bad])
     where = compile_where(Filters(start=T0 - timedelta(hours=1), end=T0 + timedelta(hours=1), weighted_feedback=(3, None)),
@@ -138,3 +138,52 @@ def test_refresh_of_every_trace_matches_feedback_written_without_it(warehouse, o
     assert stored_sums(warehouse, org, traces).height == 0
     refresh_traces(warehouse, None, orgs=[org])
     assert_matches(stored_sums(warehouse, org, traces), events)
+
+
+def test_feedback_counts_for_the_requests_of_its_trace_in_its_own_workspace(settings, producer, workers, warehouse, api,
+                                                                             make_key, org):
+    """Two workspaces (teams) reuse the trace id `shared`: each one's feedback counts for its own
+    requests only, in graphs, groups (one workspace and organisation-wide) and the weighted-feedback
+    filter. Feedback without a workspace counts for requests without one. Feedback sent with an
+    organisation key belongs to the default workspace, like its custom logs (docs/analytics.md)."""
+    logs = [gateway_log(org, workspace=ws, created_at=T0 + timedelta(minutes=i), trace_id=trace)
+            for i, (ws, trace) in enumerate([("ws-a", "shared"), ("ws-a", "shared"), ("ws-b", "shared"), ("ws-b", "only-b"),
+                                             ("default", "shared")])]
+    publish(producer, settings.topic_gateway_logs, logs)
+    feedback = [feedback_event(org, "shared", 8, 1.0, T0, workspace="ws-a"),
+                feedback_event(org, "shared", -4, 1.0, T0, workspace="ws-b"),
+                feedback_event(org, "shared", -1, 0.5, T0, workspace="ws-b"),
+                feedback_event(org, "shared", 10, 1.0, T0, workspace="")]  # no workspace: no request without one here
+    publish(producer, settings.topic_feedback, feedback)
+    key = make_key(org)
+    headers = {"x-portkey-api-key": key}
+    r = api.post("/v1/feedback", json={"trace_id": "shared", "value": 6, "weight": 0.5}, headers=headers)
+    assert r.status_code == 200, r.text
+    assert wait_until(lambda: warehouse.query(  # 4 (workspace, trace) rows summing all 5 feedbacks
+        "SELECT count(), sum(feedbacks) FROM trace_feedback FINAL WHERE organisation_id = {o:String}",
+        parameters={"o": org}).result_rows == [(4, 5)], timeout=60)
+    assert wait_until(lambda: int(warehouse.command(
+        "SELECT count() FROM generations FINAL WHERE organisation_id = {o:String}", parameters={"o": org})) == 5)
+    assert warehouse.query("SELECT workspace_slug FROM feedback FINAL WHERE id = {id:String}",
+                           parameters={"id": r.json()["feedback_ids"][0]}).result_rows == [("default",)]
+
+    window = {"time_of_generation_min": iso(T0 - timedelta(hours=1)), "time_of_generation_max": iso(T0 + timedelta(hours=1))}
+    columns = {"columns": "requests,requests_with_feedback,avg_weighted_feedback", "order_by": "workspace", "order_by_type": "asc"}
+
+    def get(path, **params):
+        r = api.get(f"/v1/analytics/{path}", params={**window, **params}, headers=headers)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    # per workspace: (requests, requests with feedback, weighted feedback, feedback count)
+    expected = {"ws-a": (2, 2, 8.0, 1), "ws-b": (2, 1, -3.0, 2), "default": (1, 1, 6.0, 1)}  # ws-b: (-4·1 − 1·0.5) / 1.5
+    for ws, (requests, with_feedback, weighted, count) in expected.items():
+        row, = get("groups/workspace", workspace_slug=ws, **columns)["data"]
+        assert (row["requests"], row["requests_with_feedback"], row["avg_weighted_feedback"]) == (requests, with_feedback, weighted), ws
+        assert get("graphs/feedbacks", workspace_slug=ws)["summary"]["total"] == count, ws
+    everywhere = get("groups/workspace", **columns)["data"]  # an organisation key without workspace_slug: every workspace
+    assert {row["workspace"]: (row["requests"], row["requests_with_feedback"], row["avg_weighted_feedback"])
+            for row in everywhere} == {ws: e[:3] for ws, e in expected.items()}
+    positive = get("groups/workspace", weighted_feedback_min="0", **columns)["data"]
+    assert {row["workspace"]: row["requests"] for row in positive} == {"ws-a": 2, "default": 1}
+    assert get("graphs/requests", workspace_slug="ws-b", weighted_feedback_max="-1")["summary"]["total"] == 1

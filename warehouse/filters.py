@@ -62,6 +62,11 @@ class Where:
     # weighted-feedback filter): queries then need not test it again.
     only_traces_with_feedback: bool = False
 
+    @property
+    def one_workspace(self) -> bool:
+        """Every selected request is of one workspace (the scope's ``{scope_ws}``)."""
+        return "scope_ws" in self.params
+
 
 def compile_where(f: Filters, scope: TenantScope) -> Where:
     """The WHERE condition (without the keyword) selecting the filtered generations."""
@@ -118,8 +123,9 @@ def compile_where(f: Filters, scope: TenantScope) -> Where:
 
     low, high = f.weighted_feedback
     if low is not None or high is not None:
-        # The trace's weighted feedback from its per-trace sums (feedback_traces, 0021), as
-        # in the feedback queries of warehouse/queries/analytics.py.
+        # The trace's weighted feedback from its per-trace sums (trace_feedback, 0022), as
+        # in the feedback queries of warehouse/queries/analytics.py: a trace is a trace id
+        # within a workspace, named by its hash alone within the scope's one workspace.
         # Weighted feedback over a total weight of 0 is 0, as everywhere (docs/analytics.md).
         average = "if(weight_sum > 0, weighted_sum / weight_sum, 0)"
         test = []
@@ -129,9 +135,13 @@ def compile_where(f: Filters, scope: TenantScope) -> Where:
         if high is not None:
             test.append(f"{average} <= {{wf_max:Float64}}")
             params["wf_max"] = high
+        if scope.workspace_slug is not None:
+            trace, workspace = "trace_hash", " AND workspace_slug = {scope_ws:String}"
+        else:
+            trace, workspace = "workspace_slug, trace_hash", ""
         parts.append(
-            "trace_hash IN (SELECT trace_hash FROM feedback_traces FINAL WHERE organisation_id = {scope_org:String} "
-            f"AND {' AND '.join(test)})"
+            f"({trace}) IN (SELECT {trace} FROM trace_feedback FINAL WHERE organisation_id = {{scope_org:String}}"
+            f"{workspace} AND {' AND '.join(test)})"
         )
     return Where(" AND ".join(f"({p})" for p in parts), params, only_traces_with_feedback=low is not None or high is not None)
 

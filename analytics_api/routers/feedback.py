@@ -161,10 +161,11 @@ def create_feedback(
     created_at = _iso(datetime.now(UTC))
     events = []
     for fb in parsed:
-        event = {"id": str(uuid.uuid4()), "organisation_id": principal.organisation_id, "created_at": created_at,
+        # The key's workspace, the default one for an organisation key (as custom logs):
+        # feedback counts for the requests of its trace in that workspace.
+        event = {"id": str(uuid.uuid4()), "organisation_id": principal.organisation_id,
+                 "workspace_slug": principal.workspace_slug or settings.default_workspace, "created_at": created_at,
                  "trace_id": fb.trace_id, "value": fb.value, "weight": fb.weight}
-        if principal.workspace_slug is not None:
-            event["workspace_slug"] = principal.workspace_slug
         if fb.metadata is not None:
             event["metadata"] = fb.metadata
         events.append(event)

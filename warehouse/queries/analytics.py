@@ -156,13 +156,33 @@ def grouped(client: Client, where: Where, group: str, measures: list[str], metad
 # trace_id. Two different trace ids of one organisation sharing a hash would be taken
 # for one trace (about one chance in 10^19 per pair; docs/analytics.md).
 #
-# Feedback is read through `feedback_traces` (migration 0021): per trace, the sums of its
-# latest feedback versions, which the feedback ingest rewrites after every batch. Only
-# traces that have feedback can join it: a cheap set lookup spares grouping every trace
-# of the window. A trace that has a row has feedback (rows are never removed, like
-# feedback), so membership needs no FINAL. Feedback trace ids are never empty
-# (docs/events.md), so the set holds no request without a trace.
-TRACES_WITH_FEEDBACK = "SELECT trace_hash FROM feedback_traces WHERE organisation_id = {scope_org:String}"
+# A trace is a trace id within a workspace: feedback counts for the requests of its trace
+# in its own workspace. Feedback is read through `trace_feedback` (migration 0022): per
+# (workspace, trace), the sums of its latest feedback versions, which the feedback ingest
+# rewrites after every batch. A query of one workspace (every query but the
+# organisation-wide groups) reads that workspace's rows only, a range of the table's
+# sorting key, and names a trace by its hash alone; an organisation-wide one names it by
+# (workspace, hash). Only traces that have feedback can join it: a cheap set lookup spares
+# grouping every trace of the window. A trace that has a row has feedback (rows are never
+# removed, like feedback), so membership needs no FINAL. Feedback trace ids are never
+# empty (docs/events.md), so the set holds no request without a trace.
+
+
+def _trace_columns(where: Where) -> dict[str, str]:
+    """Name → expression of the columns that name a trace among the requests ``where`` selects.
+
+    Organisation-wide the workspace is ``identity(workspace_slug)``: under ``GROUPING SETS`` a group
+    key ``workspace_slug AS key`` must stay another expression, or its NULL row would vanish."""
+    if where.one_workspace:
+        return {"trace_hash": "trace_hash"}
+    return {"tws": "identity(workspace_slug)", "trace_hash": "trace_hash"}
+
+
+def _trace_feedback(where: Where, columns: str, final: bool = False) -> str:
+    """A SELECT of ``trace_feedback`` rows of the selection's organisation (and workspace)."""
+    workspace = " AND workspace_slug = {scope_ws:String}" if where.one_workspace else ""
+    return (f"SELECT {columns} FROM trace_feedback{' FINAL' if final else ''} "
+            f"WHERE organisation_id = {{scope_org:String}}{workspace}")
 
 
 def _has_feedback(where: Where) -> str:
@@ -171,7 +191,20 @@ def _has_feedback(where: Where) -> str:
     Under the weighted-feedback filter every selected request passed it already (that
     filter's traces are a subset of these): building and probing the set again cost
     10–15 ms per query on the benchmark (metadata/_user 113 → 98 ms)."""
-    return "1" if where.only_traces_with_feedback else f"trace_hash IN ({TRACES_WITH_FEEDBACK})"
+    if where.only_traces_with_feedback:
+        return "1"
+    columns = "trace_hash" if where.one_workspace else "workspace_slug, trace_hash"
+    return f"({columns}) IN ({_trace_feedback(where, columns)})"
+
+
+def _select_trace(where: Where) -> str:
+    return ", ".join(f"{expr} AS {name}" if expr != name else name for name, expr in _trace_columns(where).items())
+
+
+def _on_trace(where: Where, right_names: dict[str, str] | None = None) -> str:
+    """The join condition of a ``trace_feedback`` row (``f``) and a trace (``t``)."""
+    names = right_names or {}
+    return " AND ".join(f"f.{name} = t.{names.get(name, name)}" for name in _trace_columns(where))
 
 
 # What a query may need of a trace's requests: when it started, and the model of its
@@ -187,37 +220,38 @@ TRACE_ATTRIBUTES = {
 
 
 def _traces(where: Where, extra_key: str | None = None, attributes: tuple[str, ...] = ()) -> str:
-    """The traces (``trace_hash``) of the selected generations that have feedback, with
-    their number of requests and the asked ``attributes`` (names of TRACE_ATTRIBUTES).
+    """The traces (``trace_hash``, and ``tws``, the workspace, organisation-wide) of the selected
+    generations that have feedback, with their number of requests and the asked
+    ``attributes`` (names of TRACE_ATTRIBUTES).
 
     With ``extra_key``, one row per (trace, key) plus one row per trace with a NULL
     key, so that an outer ``GROUP BY key`` also yields the whole selection's row in
     which each trace counts once.
     """
+    names = ", ".join(_trace_columns(where))
     key = f", {extra_key} AS key" if extra_key else ""
-    group = "GROUPING SETS ((trace_hash, key), (trace_hash))" if extra_key else "trace_hash"
+    group = f"GROUPING SETS (({names}, key), ({names}))" if extra_key else names
     extra = "".join(f", {TRACE_ATTRIBUTES[a]} AS {a}" for a in attributes)
     return (
-        f"SELECT trace_hash{key}{extra}, count() AS requests "
+        f"SELECT {_select_trace(where)}{key}{extra}, count() AS requests "
         f"FROM generations FINAL WHERE {where.sql} AND {_has_feedback(where)} GROUP BY {group}"
     )
 
 
-# The feedback of each trace of the organisation: its count, Σ value·weight, Σ weight and
-# the count per score.
-PER_TRACE = (
-    "SELECT trace_hash, feedbacks, weighted_sum, weight_sum, score_values, score_counts "
-    "FROM feedback_traces FINAL WHERE organisation_id = {scope_org:String}"
-)
+# The feedback of each trace: its count, Σ value·weight, Σ weight and the count per score.
+def _per_trace(where: Where) -> str:
+    names = "trace_hash" if where.one_workspace else "workspace_slug AS tws, trace_hash"
+    return _trace_feedback(where, f"{names}, feedbacks, weighted_sum, weight_sum, score_values, score_counts", final=True)
+
+
 FEEDBACK_MEASURES = "sum(f.feedbacks) AS feedbacks, sum(f.weighted_sum) AS weighted_sum, sum(f.weight_sum) AS weight_sum"
-ON_TRACE = "f.trace_hash = t.trace_hash"
 
 
 def feedback_series(client: Client, where: Where, granularity: str, tz_offset: int) -> pa.Table:
     """Feedback per bucket of its trace's first request, plus the total row."""
     sql = (
         f"SELECT {bucket_sql('t.first_at', granularity)} AS bucket, {FEEDBACK_MEASURES} "
-        f"FROM ({PER_TRACE}) AS f INNER JOIN ({_traces(where, attributes=('first_at',))}) AS t ON {ON_TRACE} "
+        f"FROM ({_per_trace(where)}) AS f INNER JOIN ({_traces(where, attributes=('first_at',))}) AS t ON {_on_trace(where)} "
         "GROUP BY GROUPING SETS ((bucket), ())"
     )
     return client.query_arrow(sql, parameters={**where.params, "tz_offset": tz_offset}, settings=FINAL_SETTINGS)
@@ -227,7 +261,8 @@ def feedback_by(client: Client, where: Where, by: str) -> pa.Table:
     """Feedback counted per ``score`` (its value) or per ``model`` (of the trace's first request).
 
     Per score only ``feedbacks`` is meaningful (the trace's count of that score)."""
-    joined = f"FROM ({PER_TRACE}) AS f INNER JOIN ({_traces(where, attributes=('model',) if by == 'model' else ())}) AS t ON {ON_TRACE}"
+    traces = _traces(where, attributes=('model',) if by == 'model' else ())
+    joined = f"FROM ({_per_trace(where)}) AS f INNER JOIN ({traces}) AS t ON {_on_trace(where)}"
     if by == "score":
         sql = (
             f"SELECT score AS key, sum(n) AS feedbacks FROM (SELECT f.score_values AS vals, f.score_counts AS counts {joined}) "
@@ -247,7 +282,7 @@ def feedback_grouped(client: Client, where: Where, group: str, metadata_key: str
     sql = (
         f"SELECT t.key AS key, sum(t.requests) AS requests_with_feedback, {FEEDBACK_MEASURES} "
         f"FROM ({_traces(replace(where, sql=condition, params=params), GROUP_KEYS[group])}) AS t "
-        f"INNER JOIN ({PER_TRACE}) AS f ON {ON_TRACE} GROUP BY key"
+        f"INNER JOIN ({_per_trace(where)}) AS f ON {_on_trace(where)} GROUP BY key"
     )
     return client.query_arrow(sql, parameters=params, settings=FINAL_SETTINGS)
 
@@ -266,13 +301,16 @@ def grouped_with_feedback(client: Client, where: Where, group: str, measures: li
         raise ValueError(f"not computable per trace: {unknown}")
     params = dict(where.params)
     group, condition = _group_condition(group, where.sql, params, metadata_key)
+    # Organisation-wide, a trace is also named by its workspace (tws).
+    workspace = "" if where.one_workspace else f", {_trace_columns(where)['tws']} AS tws"
     scan = (
-        f"SELECT {GROUP_KEYS[group]} AS key, if({_has_feedback(where)}, trace_hash, 0) AS th, "
-        f"{_select(measures)} FROM generations FINAL WHERE {condition} GROUP BY key, th"
+        f"SELECT {GROUP_KEYS[group]} AS key, if({_has_feedback(where)}, trace_hash, 0) AS th{workspace}, "
+        f"{_select(measures)} FROM generations FINAL WHERE {condition} GROUP BY key, th{', tws' if workspace else ''}"
     )
     combined = ", ".join(f"{PER_TRACE_COMBINE[m]}(t.{m}) AS {m}" for m in measures)
+    on = _on_trace(where, right_names={"trace_hash": "th"})
     sql = (
         f"SELECT t.key AS key, {combined}, sumIf(t.requests, t.th != 0) AS requests_with_feedback, {FEEDBACK_MEASURES} "
-        f"FROM ({PER_TRACE}) AS f RIGHT JOIN ({scan}) AS t ON f.trace_hash = t.th GROUP BY t.key"
+        f"FROM ({_per_trace(where)}) AS f RIGHT JOIN ({scan}) AS t ON {on} GROUP BY t.key"
     )
     return client.query_arrow(sql, parameters=params, settings=FINAL_SETTINGS)

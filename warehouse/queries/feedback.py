@@ -1,5 +1,5 @@
 """Point reads of feedback (PUT /v1/feedback/{id} reads the current version), and the
-per-trace feedback sums that analytics read (``feedback_traces``, migration 0021)."""
+per-trace feedback sums that analytics read (``trace_feedback``, migration 0022)."""
 
 from __future__ import annotations
 
@@ -26,15 +26,15 @@ def get_feedback(client: Client, scope: TenantScope, feedback_id: str) -> dict[s
     return dict(zip(COLUMNS, result.result_rows[0]))
 
 
-# The aggregate of a trace's feedback as migration 0021 defines it (the migration's backfill
-# computes the same columns). {ids} narrows the FINAL read by the sorting key (exact before
+# The aggregate of a trace's feedback, per workspace, as migration 0022 defines it (the
+# migration's backfill computes the same columns). {ids} narrows the FINAL read by the sorting key (exact before
 # FINAL: every version of an id has that id); {where} picks the traces after FINAL.
 _TRACE_AGGREGATE = (
-    "SELECT organisation_id, trace_hash, count(), sum(value * weight), sum(weight), "
+    "SELECT organisation_id, workspace_slug, trace_hash, count(), sum(value * weight), sum(weight), "
     "(sumMap([value], [toUInt64(1)]) AS scores).1, scores.2, sum(toUInt64(toUnixTimestamp64Milli(updated_at))) "
-    "FROM (SELECT organisation_id, trace_id, trace_hash, value, weight, updated_at FROM feedback FINAL "
+    "FROM (SELECT organisation_id, workspace_slug, trace_id, trace_hash, value, weight, updated_at FROM feedback FINAL "
     "WHERE organisation_id IN {orgs:Array(String)}{ids}) "
-    "{where} GROUP BY organisation_id, trace_hash"
+    "{where} GROUP BY organisation_id, workspace_slug, trace_hash"
 )
 # The ids that have a version on one of the traces (the bloom filter index on trace_id skips
 # most of the table for a batch's few traces).
@@ -46,14 +46,16 @@ _IDS_ON_TRACES = (
 
 def refresh_traces(client: Client, traces: Iterable[tuple[str, str]] | None = None, orgs: Iterable[str] = (),
                    settings: dict | None = None) -> None:
-    """Rewrite ``feedback_traces`` for these (organisation, trace_id) pairs (or for every trace
-    of ``orgs`` when ``traces`` is None) from the latest feedback versions.
+    """Rewrite ``trace_feedback`` for these (organisation, trace_id) pairs, in every workspace
+    that has feedback on them (or for every trace of ``orgs`` when ``traces`` is None), from
+    the latest feedback versions.
 
     The feedback ingest calls it after each acknowledged batch, before committing its offsets.
     It reads, with FINAL, only the ids that have a version on one of the traces, and keeps
     the traces after FINAL: the latest version of each such id counts for the trace it is on.
     (An update that moved a feedback to another trace would leave its former trace counting
-    it until that trace is rewritten again; the API's PUT keeps the trace, docs/events.md.)
+    it until that trace is rewritten again; likewise for a version under another workspace.
+    The API's PUT keeps both, docs/events.md.)
     """
     if traces is None:
         sql, params = _TRACE_AGGREGATE.replace("{ids}", "").replace("{where}", ""), {"orgs": sorted(set(orgs))}
@@ -63,4 +65,4 @@ def refresh_traces(client: Client, traces: Iterable[tuple[str, str]] | None = No
             return
         sql = _TRACE_AGGREGATE.replace("{ids}", _IDS_ON_TRACES).replace("{where}", "WHERE trace_id IN {trace_ids:Array(String)}")
         params = {"orgs": sorted({o for o, _ in pairs}), "trace_ids": sorted({t for _, t in pairs})}
-    client.command("INSERT INTO feedback_traces " + sql, parameters=params, settings=settings)
+    client.command("INSERT INTO trace_feedback " + sql, parameters=params, settings=settings)

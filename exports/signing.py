@@ -74,7 +74,8 @@ def verify(secret: bytes, export_id: str, name: str, expires: str | None, signat
         expires_at = int(expires)
     except ValueError:
         return "the URL's expiry is not a number"
-    if not hmac.compare_digest(_mac(secret, export_id, name, expires_at), signature):
+    # As bytes: compare_digest refuses str holding non-ASCII characters (a TypeError, a 500).
+    if not hmac.compare_digest(_mac(secret, export_id, name, expires_at).encode(), signature.encode()):
         return "the URL's signature does not match"
     if (now if now is not None else time.time()) > expires_at:
         return "the URL has expired; ask GET /v1/logs/exports/{id}/download for a new one"

@@ -480,6 +480,14 @@ def test_a_signing_key_file_left_empty_never_signs_urls_anyone_could_forge(tmp_p
             f"a URL signed with an empty key was accepted (secret {secret!r})"
 
 
+def test_a_signature_that_is_not_ascii_hex_is_a_403(api):
+    """The route takes no key: whatever a client puts in `signature` is refused as a bad signature."""
+    url = f"/v1/logs/exports/{uuid.uuid4()}/files/part-00000.jsonl"
+    for signature in ("é" * 64, "zz", "0" * 64, "\u0660" * 64):
+        r = api.get(url, params={"expires": str(int(time.time()) + 60), "signature": signature})
+        assert r.status_code == 403 and "signature" in r.json()["detail"], (signature, r.status_code)
+
+
 def test_processes_creating_the_signing_key_at_once_share_one_whole_secret(tmp_path):
     from exports import signing
     from tollgate.settings import Settings

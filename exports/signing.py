@@ -7,7 +7,10 @@ name or the expiry breaks the signature (403); so does the time passing ``expire
 
 The secret is ``TOLLGATE_EXPORT_SIGNING_SECRET``, or else a random one generated on
 first use and kept in ``<data dir>/export-signing.key`` (mode 0600), so every process
-sharing the data directory signs and checks alike, across restarts.
+sharing the data directory signs and checks alike, across restarts. The file is never
+empty: it appears whole (written aside, then linked into place), and an empty one (left
+by a process that died while writing it, before this was so) is refused rather than used
+as a key anyone could sign with.
 """
 
 from __future__ import annotations
@@ -28,19 +31,28 @@ def signing_secret(settings: Settings) -> bytes:
     if settings.export_signing_secret:
         return settings.export_signing_secret.encode()
     path = Path(settings.data_dir) / KEY_FILE
-    try:
-        return path.read_bytes().strip()
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_hex(32).encode()
-    try:  # O_EXCL: when two processes race, the first file wins and both read it
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(secret)
-    except FileExistsError:
-        pass
-    return path.read_bytes().strip()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written whole under a name of its own, then linked into place: the key file never exists
+        # empty or half-written (a process reading it meanwhile would sign with that), and when two
+        # processes race, the first link wins and both read it.
+        tmp = path.with_name(f".{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_hex(32).encode())
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    secret = path.read_bytes().strip()
+    if not secret:  # an empty key would let anyone sign a URL for any export
+        raise RuntimeError(f"{path} holds no export signing secret; delete it (a new one is made at the next "
+                           "start; URLs signed so far stop working) or set TOLLGATE_EXPORT_SIGNING_SECRET")
+    return secret
 
 
 def _mac(secret: bytes, export_id: str, name: str, expires: int) -> str:
@@ -62,7 +74,8 @@ def verify(secret: bytes, export_id: str, name: str, expires: str | None, signat
         expires_at = int(expires)
     except ValueError:
         return "the URL's expiry is not a number"
-    if not hmac.compare_digest(_mac(secret, export_id, name, expires_at), signature):
+    # As bytes: compare_digest refuses str holding non-ASCII characters (a TypeError, a 500).
+    if not hmac.compare_digest(_mac(secret, export_id, name, expires_at).encode(), signature.encode()):
         return "the URL's signature does not match"
     if (now if now is not None else time.time()) > expires_at:
         return "the URL has expired; ask GET /v1/logs/exports/{id}/download for a new one"

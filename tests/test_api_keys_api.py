@@ -287,3 +287,27 @@ def test_a_revocation_is_final_even_against_a_change_that_read_the_key_before_it
     api_keys.write_version(warehouse, stale, key_hash=hash_key("tg-" + "0" * 48), name="renamed")  # the racing change
     assert api_keys.get(warehouse, org, None, kid) is None
     assert api_keys.find_by_hash(warehouse, hash_key("tg-" + "0" * 48)) is None  # the racing rotation's secret never works
+
+
+def test_re_enabling_a_key_with_scopes_the_caller_lacks_is_refused(api, make_key, org):
+    """Re-enabling a disabled key gives its secret's holder back every scope of the key: like granting
+    them, a caller may only do it for scopes it holds (else api_keys.write is a way to more access)."""
+    admin = make_key(org)
+    manager = make_key(org, scopes=["api_keys.read", "api_keys.write"])
+    made = create(api, admin, {"name": "ops", "scopes": ["analytics.read", "api_keys.read"]}).json()
+    kid, key = made["id"], made["key"]
+    assert call(api, "PUT", f"/{kid}", admin, {"status": "disabled"}).json()["status"] == "disabled"
+    assert can_read_analytics(api, key) == 401
+
+    r = call(api, "PUT", f"/{kid}", manager, {"status": "active"})
+    assert r.status_code == 403 and "analytics.read" in r.json()["detail"], r.text
+    assert call(api, "GET", f"/{kid}", admin).json()["status"] == "disabled"
+    assert can_read_analytics(api, key) == 401
+
+    # What the manager may do: rename it, disable it, re-enable it narrowed to scopes it holds.
+    assert call(api, "PUT", f"/{kid}", manager, {"name": "ops-2"}).status_code == 200
+    r = call(api, "PUT", f"/{kid}", manager, {"status": "active", "scopes": ["api_keys.read"]})
+    assert r.status_code == 200 and (r.json()["status"], r.json()["scopes"]) == ("active", ["api_keys.read"]), r.text
+    assert can_read_analytics(api, key) == 403
+    assert call(api, "PUT", f"/{kid}", manager, {"status": "disabled"}).status_code == 200
+    assert call(api, "PUT", f"/{kid}", admin, {"status": "active"}).status_code == 200  # the admin holds every scope

@@ -9,6 +9,7 @@ analytics reference for the filters): exactly the selected rows, once each, with
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import json
 import threading
@@ -456,6 +457,51 @@ def test_local_signed_url_expires_and_refuses_tampering(settings, tmp_path, data
         time.sleep(exp - time.time() + 1.1)
         r = api.get(url)
         assert r.status_code == 403 and "expired" in r.json()["detail"]
+
+
+def test_a_signing_key_file_left_empty_never_signs_urls_anyone_could_forge(tmp_path):
+    """The first process to use the local destination creates <data dir>/export-signing.key. A process
+    reading it while the first has created it but not yet written it (or after the first died in
+    between) must not sign with an empty secret: anyone could then make a valid URL for any export id."""
+    from exports import signing
+    from tollgate.settings import Settings
+
+    settings = Settings(data_dir=tmp_path)
+    (tmp_path / signing.KEY_FILE).touch(mode=0o600)  # created (O_EXCL), not written yet
+    export_id, name = str(uuid.uuid4()), "part-00000.jsonl"
+    expires = int(time.time()) + 3600
+    forged = hmac.new(b"", f"{export_id}/{name}:{expires}".encode(), hashlib.sha256).hexdigest()
+    try:
+        secret = signing.signing_secret(settings)
+    except RuntimeError as exc:  # refused, naming the file
+        assert signing.KEY_FILE in str(exc)
+    else:
+        assert signing.verify(secret, export_id, name, str(expires), forged) is not None, \
+            f"a URL signed with an empty key was accepted (secret {secret!r})"
+
+
+def test_a_signature_that_is_not_ascii_hex_is_a_403(api):
+    """The route takes no key: whatever a client puts in `signature` is refused as a bad signature."""
+    url = f"/v1/logs/exports/{uuid.uuid4()}/files/part-00000.jsonl"
+    for signature in ("é" * 64, "zz", "0" * 64, "\u0660" * 64):
+        r = api.get(url, params={"expires": str(int(time.time()) + 60), "signature": signature})
+        assert r.status_code == 403 and "signature" in r.json()["detail"], (signature, r.status_code)
+
+
+def test_processes_creating_the_signing_key_at_once_share_one_whole_secret(tmp_path):
+    from exports import signing
+    from tollgate.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "data")
+    got: list[bytes] = []
+    threads = [threading.Thread(target=lambda: got.append(signing.signing_secret(settings))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 8 and len(set(got)) == 1 and len(got[0]) == 64, got
+    assert (tmp_path / "data" / signing.KEY_FILE).stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in (tmp_path / "data").iterdir()] == [signing.KEY_FILE]  # no temporary file left
 
 
 def test_s3_download_is_a_presigned_get_with_the_configured_ttl(settings, s3, dataset, make_key):

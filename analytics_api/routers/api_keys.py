@@ -173,6 +173,9 @@ def update_key(id: str, request: Request, payload: Any = Body(...),
     if body.scopes is not None:
         changes["scopes"] = tuple(_grantable(body.scopes, principal))
     row = _load(request, principal, id)
+    if changes.get("status") == "active" and row.status != "active":
+        # Re-enabling gives the secret's holder every scope of the key back: a grant like any other.
+        _require_held(changes.get("scopes", row.scopes), principal, "re-enable a key with")
     return public(_write(request, row, **changes))
 
 

@@ -45,6 +45,7 @@ from warehouse.queries.scope import TenantScope
 log = logging.getLogger(__name__)
 
 PAGE_SIZE_MAX = 50_000  # the spec's maximum of `page_size`
+MAX_ROW_OFFSET = 2**63 - 1  # the last row a page may reach (offsets are bound as UInt64)
 PROGRESS_SECONDS = 1.0
 CANCEL_WAIT_SECONDS = 30.0
 
@@ -144,10 +145,14 @@ def parse_filters(raw: Any, scope: TenantScope, *, windowless: bool = False) -> 
         size = raw.get("page_size", PAGE_SIZE_MAX)
         current = raw.get("current_page", 0)
         for name, value, low, high in (("page_size", size, 1, PAGE_SIZE_MAX), ("current_page", current, 0, None)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or (isinstance(value, float) and not value.is_integer())):  # NaN and ±Infinity too
                 raise invalid(f"filters.{name}", "must be an integer")
             if value < low or (high is not None and value > high):
                 raise invalid(f"filters.{name}", f"must be between {low} and {high}" if high else f"must be ≥ {low}")
+        if (int(current) + 1) * int(size) > MAX_ROW_OFFSET:  # ClickHouse's UInt64 OFFSET would wrap to another page
+            raise invalid("filters.current_page", f"the page ends past row {MAX_ROW_OFFSET} (current_page × page_size "
+                                                  "+ page_size); no selection has that many rows")
         page = q.Page(offset=int(current) * int(size), limit=int(size))
     normalized = {k: v for k, v in raw.items() if v is not None}
     if page is not None:

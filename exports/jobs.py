@@ -73,6 +73,8 @@ class _Params:
 def _text(name: str, value: Any) -> str:
     if isinstance(value, bool) or value is None or isinstance(value, (dict,)):
         raise invalid(f"filters.{name}", "must be a string or a number")
+    if isinstance(value, int):  # str(): orjson refuses integers beyond 64 bits, which analytics take as given
+        return str(value)
     return value if isinstance(value, str) else orjson.dumps(value).decode()
 
 

@@ -450,6 +450,7 @@ def item(job: q.JobRow) -> dict[str, Any]:
         "format": job.format,
         "destination": job.destination,
         "total": job.total,
+        "total_records": job.total,  # the portkey-ai SDK's LogsExportRetrieveResponse field: the rows it holds
         "rows_written": job.rows_written,
         "progress": round(job.rows_written / job.total, 4) if job.total else (1.0 if job.status == "success" else 0.0),
         "started_at": iso(job.started_at),

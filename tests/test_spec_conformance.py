@@ -12,9 +12,10 @@ import json
 import random
 from datetime import UTC, datetime, timedelta
 
-from conftest import wait_until
+from conftest import serve, wait_until
 from factories import gateway_log
 
+from analytics_api.app import create_app
 from ingest.events import GENERATIONS
 from ingest.sink import insert_rows
 
@@ -113,3 +114,41 @@ def test_export_filters_with_integers_beyond_64_bits_mean_what_analytics_means(a
     r = api.post("/v1/logs/exports", json={"filters": {**WINDOW, "status_code": [200, big]}, "requested_data": ["id"]},
                  headers=h(key))
     assert r.status_code == 422 and any(e["msg"].startswith("filters.status_code") for e in r.json()["detail"]), r.text[:300]
+
+
+# --------------------------------------------------------------------------- the SDK's export object
+
+
+def test_portkey_sdk_export_objects_have_every_field_of_the_sdk_type(settings, warehouse, make_key, org, tmp_path):
+    """`LogsExportRetrieveResponse` (portkey-ai) declares `total_records`: Tollgate left it out, so
+    `client.logs.exports.retrieve(...).total_records` was None. It is the number of rows the export
+    holds, the same as `total`; list items carry it too. Every other declared field is set, and the
+    whole flow (create, retrieve, list, update, start, download, cancel) returns the SDK's types."""
+    from portkey_ai import Portkey
+    from portkey_ai.api_resources.types.logs_type import LogsExportRetrieveResponse
+
+    store_logs(warehouse, org, 3)
+    s = settings.model_copy(update=dict(export_dir=tmp_path / "exports"))
+    with serve(create_app(s, s.kafka_bootstrap, pool_size=2)) as url:
+        client = Portkey(api_key=make_key(org), base_url=url)
+        created = client.logs.exports.create(filters=WINDOW, requested_data=["id", "cost"], description="sdk")
+        assert (created.total, created.object) == (3, "export")
+        export_id = created.id
+        got = client.logs.exports.retrieve(export_id=export_id)
+        assert isinstance(got, LogsExportRetrieveResponse)
+        declared = set(LogsExportRetrieveResponse.model_fields)
+        assert {f for f in declared if getattr(got, f) is None} == set(), got
+        assert got.total_records == 3
+        listed = client.logs.exports.list()
+        assert [(e["id"], e["total_records"]) for e in listed.data] == [(export_id, 3)]
+        updated = client.logs.exports.update(export_id=export_id, filters={**WINDOW, "total_units_min": 0})
+        assert (updated.id, updated.total, updated.object) == (export_id, 3, "export")
+        started = client.logs.exports.start(export_id=export_id)
+        assert started.object == "export" and started.message
+        assert wait_until(lambda: client.logs.exports.retrieve(export_id=export_id).status == "success")
+        done = client.logs.exports.retrieve(export_id=export_id)
+        assert (done.total_records, done.total) == (3, 3)
+        assert client.logs.exports.download(export_id=export_id).signed_url.startswith("http")
+        other = client.logs.exports.create(filters=WINDOW, requested_data=["id"]).id
+        cancelled = client.logs.exports.cancel(export_id=other)
+        assert cancelled.object == "export" and client.logs.exports.retrieve(export_id=other).status == "stopped"

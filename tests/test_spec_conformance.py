@@ -152,3 +152,27 @@ def test_portkey_sdk_export_objects_have_every_field_of_the_sdk_type(settings, w
         other = client.logs.exports.create(filters=WINDOW, requested_data=["id"]).id
         cancelled = client.logs.exports.cancel(export_id=other)
         assert cancelled.object == "export" and client.logs.exports.retrieve(export_id=other).status == "stopped"
+
+
+# --------------------------------------------------------------------------- custom logs read back
+
+
+def test_a_minimal_custom_log_reads_back_as_docs_api_md_says(settings, workers, api, make_key, org):
+    """CustomLog leaves `request.method`, `response.status` and `response.response_time` optional; LogObject
+    requires `request.method` (an enum), `response.status`, `responseTime` and `lastUsedOptionJsonPath`.
+    docs/api.md now says what a log that left them out reads back as, and which metrics are null rather
+    than "" or 0 (it said every absent number was 0: `cost` of a 2xx without usage is null, and so are the
+    spec's nullable `cache_status`, `cache_type`, `stream_mode` when nothing was logged)."""
+    key = make_key(org)
+    r = api.post("/v1/logs", json={"request": {"url": "https://api.openai.com/v1/chat/completions", "body": {"model": "gpt-4o"}},
+                                   "response": {"body": {"id": "x"}}}, headers=h(key))
+    assert r.status_code == 200, r.text
+    log_id = r.json()["log_ids"][0]
+    assert wait_until(lambda: api.get(f"/v1/logs/{log_id}", headers=h(key)).status_code == 200)
+    got = api.get(f"/v1/logs/{log_id}", headers=h(key)).json()
+    assert got["request"]["method"] == "POST" and got["request"]["portkeyHeaders"] == {}
+    assert (got["response"]["status"], got["response"]["responseTime"], got["response"]["lastUsedOptionJsonPath"]) == (200, 0, "")
+    m = got["metrics"]
+    assert (m["cost"], m["pricing_status"]) == (None, "no_usage")
+    assert (m["cache_status"], m["cache_type"], m["stream_mode"]) == (None, None, None)
+    assert (m["workspace_slug"], m["prompt_slug"], m["req_units"]) == ("default", "", 0)

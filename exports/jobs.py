@@ -45,6 +45,7 @@ from warehouse.queries.scope import TenantScope
 log = logging.getLogger(__name__)
 
 PAGE_SIZE_MAX = 50_000  # the spec's maximum of `page_size`
+MAX_ROW_OFFSET = 2**63 - 1  # the last row a page may reach (offsets are bound as UInt64)
 PROGRESS_SECONDS = 1.0
 CANCEL_WAIT_SECONDS = 30.0
 
@@ -72,6 +73,8 @@ class _Params:
 def _text(name: str, value: Any) -> str:
     if isinstance(value, bool) or value is None or isinstance(value, (dict,)):
         raise invalid(f"filters.{name}", "must be a string or a number")
+    if isinstance(value, int):  # str(): orjson refuses integers beyond 64 bits, which analytics take as given
+        return str(value)
     return value if isinstance(value, str) else orjson.dumps(value).decode()
 
 
@@ -144,10 +147,14 @@ def parse_filters(raw: Any, scope: TenantScope, *, windowless: bool = False) -> 
         size = raw.get("page_size", PAGE_SIZE_MAX)
         current = raw.get("current_page", 0)
         for name, value, low, high in (("page_size", size, 1, PAGE_SIZE_MAX), ("current_page", current, 0, None)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or (isinstance(value, float) and not value.is_integer())):  # NaN and ±Infinity too
                 raise invalid(f"filters.{name}", "must be an integer")
             if value < low or (high is not None and value > high):
                 raise invalid(f"filters.{name}", f"must be between {low} and {high}" if high else f"must be ≥ {low}")
+        if (int(current) + 1) * int(size) > MAX_ROW_OFFSET:  # ClickHouse's UInt64 OFFSET would wrap to another page
+            raise invalid("filters.current_page", f"the page ends past row {MAX_ROW_OFFSET} (current_page × page_size "
+                                                  "+ page_size); no selection has that many rows")
         page = q.Page(offset=int(current) * int(size), limit=int(size))
     normalized = {k: v for k, v in raw.items() if v is not None}
     if page is not None:
@@ -443,6 +450,7 @@ def item(job: q.JobRow) -> dict[str, Any]:
         "format": job.format,
         "destination": job.destination,
         "total": job.total,
+        "total_records": job.total,  # the portkey-ai SDK's LogsExportRetrieveResponse field: the rows it holds
         "rows_written": job.rows_written,
         "progress": round(job.rows_written / job.total, 4) if job.total else (1.0 if job.status == "success" else 0.0),
         "started_at": iso(job.started_at),

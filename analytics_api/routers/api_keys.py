@@ -148,7 +148,7 @@ def create_key(type: str, sub_type: str, request: Request, payload: Any = Body(.
 
 
 @router.get("", summary="List API keys (newest first; never the keys themselves)")
-def list_keys(request: Request, page_size: int = Query(50, ge=1, le=100), current_page: int = Query(0, ge=0),
+def list_keys(request: Request, page_size: int = Query(50, ge=1, le=100), current_page: int = Query(0, ge=0, le=2**31),
               workspace_id: str | None = Query(None, min_length=1, max_length=256),
               principal: Principal = Depends(require("api_keys.read"))) -> dict:
     workspace = principal.listed_workspace(workspace_id, "keys")

@@ -104,7 +104,7 @@ def create_schedule(request: Request, payload: Any = Body(None),
 
 @router.get("", summary="List export schedules (newest first)")
 def list_schedules(request: Request, workspace_id: str | None = Query(None, min_length=1, max_length=256),
-                   page_size: int = Query(50, ge=1, le=100), current_page: int = Query(0, ge=0),
+                   page_size: int = Query(50, ge=1, le=100), current_page: int = Query(0, ge=0, le=2**31),
                    principal: Principal = Depends(require("exports.read"))) -> dict:
     workspace = principal.listed_workspace(workspace_id, "schedules")
     with request.app.state.warehouse.borrow() as client:
@@ -157,7 +157,7 @@ def delete_schedule(scheduleId: str, request: Request, principal: Principal = De
 
 @router.get("/{scheduleId}/runs", summary="Run history of a schedule: window, status, rows, files, error (newest first)")
 def list_runs(scheduleId: str, request: Request, page_size: int = Query(50, ge=1, le=1000),
-              current_page: int = Query(0, ge=0), principal: Principal = Depends(require("exports.read"))) -> dict:
+              current_page: int = Query(0, ge=0, le=2**31), principal: Principal = Depends(require("exports.read"))) -> dict:
     schedule = _load(request, principal, scheduleId)
     with request.app.state.warehouse.borrow() as client:
         total, runs = q.list_runs(client, schedule.organisation_id, schedule.id, page_size, current_page * page_size)

@@ -91,7 +91,7 @@ def create_export(request: Request, payload: Any = Body(None),
 
 @router.get("", summary="Get all logs exports (newest first; optionally of one workspace)")
 def list_exports(request: Request, workspace_id: str | None = Query(None, min_length=1, max_length=256),
-                 page_size: int = Query(50, ge=1, le=100), current_page: int = Query(0, ge=0),
+                 page_size: int = Query(50, ge=1, le=100), current_page: int = Query(0, ge=0, le=2**31),
                  principal: Principal = Depends(require("exports.read"))) -> dict:
     workspace = principal.listed_workspace(workspace_id, "exports")
     with _state(request).warehouse.borrow() as client:

@@ -190,3 +190,58 @@ def test_an_interrupted_daily_rebuild_resumes_to_the_daily_layout(db, tmp_path, 
     assert db.command("SELECT count() FROM generations FINAL") == 2
     assert "generations_daily" not in tables(db)
     assert 15 in {v for v, _, _ in ledger(db)}
+
+
+# --------------------------------------------------------------------------- upgrades through other commands
+
+
+_OLD_WAREHOUSE = """
+import sys
+from pathlib import Path
+from tollgate.settings import Settings
+from warehouse.client import connect
+from warehouse.migrate import migrate
+c = connect(Settings().warehouse_dsn)
+migrate(c, 30, directory=Path(sys.argv[1]), audit_retention_days=30)  # what `tollgate migrate` of a release before 0015 left
+c.command("INSERT INTO generations (organisation_id, workspace_slug, id, created_at, is_success, response_status_code) "
+          "VALUES ('o', 'w', 'a', now64(3), 1, 200)")
+"""
+
+_TTL = """
+from tollgate.settings import Settings
+from warehouse.client import connect
+c = connect(Settings().warehouse_dsn)
+print(c.command("SELECT create_table_query FROM system.tables WHERE database = currentDatabase() AND name = 'generations'"))
+print(c.command("SELECT count() FROM generations FINAL"))
+"""
+
+
+def test_keys_create_on_an_old_warehouse_keeps_the_retention(tmp_path):
+    """`tollgate keys create` applies pending migrations, as `tollgate migrate` does. On a warehouse of a
+    release before 0015 that rebuild replaces generations with a table without a TTL; keys create must set
+    TOLLGATE_RETENTION_DAYS again, or rows are kept forever until someone runs `tollgate migrate`."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    before = tmp_path / "before"
+    before.mkdir()
+    for f in MIGRATIONS_DIR.glob("*.sql"):
+        if int(f.name[:4]) < 15:
+            shutil.copy(f, before / f.name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    env.update(TOLLGATE_DATA_DIR=str(tmp_path / "data"), TOLLGATE_RETENTION_DAYS="30", TOLLGATE_AUDIT_RETENTION_DAYS="30")
+
+    def run(*args):
+        done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    run("-c", _OLD_WAREHOUSE, str(before))
+    assert "toIntervalDay(30)" in run("-c", _TTL)  # the old release's retention
+    run("-m", "tollgate.cli", "keys", "create", "--org", "o")
+    ddl, count = run("-c", _TTL).strip().splitlines()[-2:]
+    assert "toDate(created_at)" in ddl  # 0015 ran: the daily layout
+    assert "toIntervalDay(30)" in ddl, ddl
+    assert count == "1"

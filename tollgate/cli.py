@@ -93,7 +93,8 @@ def cmd_keys_create(args) -> int:
         print(f"error: --scopes: {exc}", file=sys.stderr)
         return 2
     client = connect(s.warehouse_dsn)  # a held data dir: main() prints the error
-    migrate(client, cluster=s.clickhouse_cluster)
+    # the retention TTLs too, as `tollgate migrate` sets them: a pending 0015 rebuilds generations without one
+    migrate(client, s.retention_days, audit_retention_days=s.audit_retention_days, cluster=s.clickhouse_cluster)
     key = new_key()
     row = api_keys.insert(
         client, key_hash=hash_key(key), organisation_id=args.org, workspace_slug=args.workspace or "",

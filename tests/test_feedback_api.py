@@ -247,7 +247,7 @@ def test_update_of_another_tenants_feedback_is_404(settings, workers, api, wareh
     assert r_other.status_code == 404 and r_missing.status_code == 404, (r_other.text, r_missing.text)
     assert "b-secret-trace" not in r_other.text and org_b not in r_other.text
     assert r_other.text.replace(fid, "ID") == r_missing.text.replace(missing, "ID")
-    # a workspace key of B sees only its workspace; this feedback has none
+    # a workspace key of B sees only its workspace; this feedback is in the default one (an organisation key's)
     assert put(api, make_key(org_b, workspace="ws-1", scopes=["feedback.write"]), fid, {"value": -10}).status_code == 404
     sentinel(api, key_b, warehouse, org_b)
     assert stored(warehouse, org_b)[fid]["value"] == 3

@@ -187,3 +187,32 @@ def test_feedback_counts_for_the_requests_of_its_trace_in_its_own_workspace(sett
     positive = get("groups/workspace", weighted_feedback_min="0", **columns)["data"]
     assert {row["workspace"]: row["requests"] for row in positive} == {"ws-a": 2, "default": 1}
     assert get("graphs/requests", workspace_slug="ws-b", weighted_feedback_max="-1")["summary"]["total"] == 1
+
+
+def test_a_version_moved_to_another_workspace_as_documented(warehouse, org):
+    """Every version of a feedback id keeps its workspace (the API's PUT does; docs/events.md). A version
+    sent under another workspace (the wire allows it) is counted in the new workspace at once, and the
+    former (workspace, trace) keeps counting it as the docs say: its rewrite leaves the moved feedback out
+    but has a smaller version (Σ updated_at of fewer feedback), so the sums written before stay in force
+    until the trace's own feedback there adds up to a larger Σ updated_at."""
+    def sums():
+        return dict((ws, (n, vw)) for ws, n, vw in warehouse.query(
+            "SELECT workspace_slug, feedbacks, weighted_sum FROM trace_feedback FINAL WHERE organisation_id = {o:String}",
+            parameters={"o": org}).result_rows)
+
+    def send(events):
+        insert_rows(warehouse, FEEDBACK, [FEEDBACK.encode(orjson.dumps(e)) for e in events])
+
+    f1, f2, f3 = (feedback_event(org, "moved", v, 1.0, T0 + timedelta(seconds=i), workspace="ws-a")
+                  for i, v in enumerate([10, 5, 0]))
+    send([f1, f2, f3])
+    assert sums() == {"ws-a": (3, 15.0)}
+    # f1 and f2 move to ws-b: the same trace id, so this batch rewrites ws-a too (to f3 alone) ...
+    send([{**f, "workspace_slug": "ws-b", "updated_at": iso(T0 + timedelta(hours=1, seconds=i))} for i, f in enumerate([f1, f2])])
+    assert sums() == {"ws-a": (3, 15.0), "ws-b": (2, 15.0)}  # ... but ws-a still counts them
+    # one new feedback in ws-a: Σ updated_at of (f3, f4) is still below that of (f1, f2, f3)
+    send([feedback_event(org, "moved", -2, 1.0, T0 + timedelta(hours=2), workspace="ws-a")])
+    assert sums() == {"ws-a": (3, 15.0), "ws-b": (2, 15.0)}
+    # a second one: (f3, f4, f5) outweighs it, and ws-a is exact again
+    send([feedback_event(org, "moved", -4, 1.0, T0 + timedelta(hours=3), workspace="ws-a")])
+    assert sums() == {"ws-a": (3, -6.0), "ws-b": (2, 15.0)}

@@ -153,7 +153,7 @@ def grouped(client: Client, where: Where, group: str, measures: list[str], metad
 # Feedback joins its trace's requests on the 64-bit hash of trace_id, materialized in
 # both tables (`generations.trace_hash`, 0008; `feedback.trace_hash`, 0020): grouping
 # and joining 8-byte integers instead of strings, and the generations side never reads
-# trace_id. Two different trace ids of one organisation sharing a hash would be taken
+# trace_id. Two different trace ids of one workspace sharing a hash would be taken
 # for one trace (about one chance in 10^19 per pair; docs/analytics.md).
 #
 # A trace is a trace id within a workspace: feedback counts for the requests of its trace

@@ -53,9 +53,10 @@ def refresh_traces(client: Client, traces: Iterable[tuple[str, str]] | None = No
     The feedback ingest calls it after each acknowledged batch, before committing its offsets.
     It reads, with FINAL, only the ids that have a version on one of the traces, and keeps
     the traces after FINAL: the latest version of each such id counts for the trace it is on.
-    (An update that moved a feedback to another trace would leave its former trace counting
-    it until that trace is rewritten again; likewise for a version under another workspace.
-    The API's PUT keeps both, docs/events.md.)
+    (A version that moved a feedback to another trace, or to another workspace, would leave the
+    former one counting it: rewritten without it, the former one's version, Σ updated_at of fewer
+    feedback, is smaller than the one written before, which stays in force until the former
+    one's own feedback adds up to more. The API's PUT keeps both, docs/events.md.)
     """
     if traces is None:
         sql, params = _TRACE_AGGREGATE.replace("{ids}", "").replace("{where}", ""), {"orgs": sorted(set(orgs))}

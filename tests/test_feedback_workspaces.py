@@ -65,10 +65,10 @@ def loaded(settings, workers, warehouse, producer, org, make_key):
     publish(producer, settings.topic_gateway_logs, logs)
     assert wait_until(lambda: count_generations(warehouse, org) == len(logs), timeout=60)
     publish(producer, settings.topic_feedback, feedback)
-    pairs = {(f.get("workspace_slug") or "", f["trace_id"]) for f in feedback}
-    assert wait_until(lambda: int(warehouse.command(
-        "SELECT count() FROM trace_feedback FINAL WHERE organisation_id = {o:String}", parameters={"o": org})) == len(pairs),
-        timeout=60)
+    # every (workspace, trace)'s sums as its latest versions give them (an update may arrive in
+    # another partition, hence another batch, after its trace already has a row)
+    expected = _expected_per_workspace(warehouse, feedback, org)
+    assert wait_until(lambda: _stored_per_workspace(warehouse, org) == expected, timeout=60)
     ref = Reference(generations_frame(logs, org), feedback_frame(feedback, org))
     # the data spans workspaces: some trace has feedback in two workspaces that both have its requests
     spanning = ref.gens.filter(pl.col("has_fb")).group_by("trace").agg(n=pl.col("ws").n_unique()).filter(pl.col("n") > 1)
@@ -103,19 +103,20 @@ FILTERS = [{}, {"weighted_feedback_min": "0"}, {"weighted_feedback_max": "-1"}, 
 MODES = [("org", None, None), ("org", "team-a", None), ("org", "default", None), ("ws", None, "team-a")]
 
 
-@pytest.mark.parametrize("flt", FILTERS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "no-filter")
-def test_feedback_endpoints_match_the_reference_when_traces_span_workspaces(api, loaded, flt):
+def test_feedback_endpoints_match_the_reference_when_traces_span_workspaces(api, loaded):
+    """Every filter, mode and route on one load of the data (the load is most of the time)."""
     ref = loaded["ref"]
     failures = []
-    for key, slug, key_ws in MODES:
-        for route, extra in [(r, {}) for r in FEEDBACK_GRAPHS] + GROUPS:
-            params = {**WINDOW, **extra, **flt, **({"workspace_slug": slug} if slug else {})}
-            r = api.get(f"/v1/analytics/{route}", params=params, headers={"x-portkey-api-key": loaded[key]})
-            assert r.status_code == 200, (route, params, r.text)
-            expected = ref.compute(route, params, key_workspace=key_ws)
-            got = rounded(r.json())
-            if got != rounded(expected):
-                failures.append(f"{key} ws={slug} {route} {extra}:\n  got      {got}\n  expected {rounded(expected)}")
+    for flt in FILTERS:
+        for key, slug, key_ws in MODES:
+            for route, extra in [(r, {}) for r in FEEDBACK_GRAPHS] + GROUPS:
+                params = {**WINDOW, **extra, **flt, **({"workspace_slug": slug} if slug else {})}
+                r = api.get(f"/v1/analytics/{route}", params=params, headers={"x-portkey-api-key": loaded[key]})
+                assert r.status_code == 200, (route, params, r.text)
+                expected = ref.compute(route, params, key_workspace=key_ws)
+                got = rounded(r.json())
+                if got != rounded(expected):
+                    failures.append(f"{flt} {key} ws={slug} {route} {extra}:\n  got      {got}\n  expected {rounded(expected)}")
     assert not failures, "\n".join(failures)
 
 

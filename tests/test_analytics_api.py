@@ -7,13 +7,19 @@ workspace rule, and the official portkey-ai SDK against a live server.
 from __future__ import annotations
 
 import random
+import uuid
 from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
 
+import orjson
 import pytest
 
-from conftest import count_generations, publish, wait_until
+from analytics_api.auth import SCOPES, hash_key, new_key
+from conftest import count_generations
 from factories import gateway_log
+from ingest.events import GENERATIONS
+from ingest.sink import insert_rows
+from warehouse.queries import api_keys
 
 WINDOW = {"time_of_generation_min": "2026-11-20T00:00:00Z", "time_of_generation_max": "2026-11-22T00:00:00Z"}
 GRAPHS = [
@@ -38,16 +44,21 @@ INJECTIONS = [
 ]
 
 
-@pytest.fixture
-def loaded(settings, workers, warehouse, producer, org, make_key):
-    """40 requests in the default workspace and 10 in `other`, on 2026-11-20."""
+@pytest.fixture(scope="module")
+def loaded(warehouse):
+    """40 requests in the default workspace and 10 in `other`, on 2026-11-20, for the whole module
+    (its tests only read). Stored by ingest's own codec and insert, without the Kafka hop that
+    test_analytics.py and the ingest tests cover: starting consumers cost ~3.5 s per test."""
+    org = f"org-{uuid.uuid4().hex[:10]}"
     rng = random.Random(7)
     start = datetime(2026, 11, 20, 1, tzinfo=UTC)
     events = [gateway_log(org, rng=rng, created_at=start + timedelta(minutes=i), status=200 if i % 4 else 500) for i in range(40)]
     events += [gateway_log(org, workspace="other", rng=rng, created_at=start + timedelta(minutes=i)) for i in range(10)]
-    publish(producer, settings.topic_gateway_logs, events)
-    assert wait_until(lambda: count_generations(warehouse, org) == 50)
-    return {"org": org, "key": make_key(org), "events": events}
+    insert_rows(warehouse, GENERATIONS, [GENERATIONS.encode(orjson.dumps(ev)) for ev in events])
+    assert count_generations(warehouse, org) == 50
+    key = new_key()
+    api_keys.insert(warehouse, key_hash=hash_key(key), organisation_id=org, workspace_slug="", scopes=list(SCOPES))
+    return {"org": org, "key": key, "events": events}
 
 
 def get(api, key, path, **params):

@@ -196,9 +196,9 @@ def test_a_version_moved_to_another_workspace_as_documented(warehouse, org):
     but has a smaller version (Σ updated_at of fewer feedback), so the sums written before stay in force
     until the trace's own feedback there adds up to a larger Σ updated_at."""
     def sums():
-        return dict((ws, (n, vw)) for ws, n, vw in warehouse.query(
+        return {ws: (n, vw) for ws, n, vw in warehouse.query(
             "SELECT workspace_slug, feedbacks, weighted_sum FROM trace_feedback FINAL WHERE organisation_id = {o:String}",
-            parameters={"o": org}).result_rows)
+            parameters={"o": org}).result_rows}
 
     def send(events):
         insert_rows(warehouse, FEEDBACK, [FEEDBACK.encode(orjson.dumps(e)) for e in events])

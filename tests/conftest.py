@@ -182,6 +182,20 @@ def make_key(warehouse) -> Callable[..., str]:
     return _make
 
 
+def migrations_before(version: int, directory: Path) -> Path:
+    """``directory`` filled with the migration files numbered below ``version``: what a release before
+    that migration applied (upgrade tests migrate with it, then with every file)."""
+    import shutil
+
+    from warehouse.migrate import MIGRATIONS_DIR
+
+    directory.mkdir()
+    for f in MIGRATIONS_DIR.glob("*.sql"):
+        if int(f.name[:4]) < version:
+            shutil.copy(f, directory / f.name)
+    return directory
+
+
 def publish(producer, topic: str, events: list) -> dict[int, int]:
     """Send dicts (as JSON) or raw bytes, wait for every ack; return each partition's end offset.
 

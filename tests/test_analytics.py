@@ -22,7 +22,8 @@ from fastapi.testclient import TestClient
 
 from analytics_api.app import create_app
 from analytics_api.auth import SCOPES, hash_key, new_key
-from analytics_reference import Q50, Q99, Reference, Window, feedback_frame, generations_frame, quantile, round_dec, round_int
+from analytics_reference import (Q50, Q99, Reference, Window, feedback_frame, generations_frame, quantile, round_dec, round_int,
+                                 without_float_noise)
 from conftest import count_generations, publish, wait_until
 from spec_schemas import SPEC, STRICT, resolve
 from ingest.producer import ensure_topics, make_producer
@@ -456,18 +457,6 @@ def differences(actual: Any, expected: Any, path: str = "$", limit: int = 8) -> 
     elif actual != expected:
         out.append(f"{path}: actual {actual!r} expected {expected!r}")
     return out[:limit]
-
-
-def without_float_noise(value: Any) -> Any:
-    """Floats to 6 decimals: the values compared have at most 4, so this only hides binary noise
-    (930.5146000000001), which `test_decimal_columns_are_exact_decimals` checks on its own."""
-    if isinstance(value, float):
-        return round(value, 6)
-    if isinstance(value, dict):
-        return {k: without_float_noise(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [without_float_noise(v) for v in value]
-    return value
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

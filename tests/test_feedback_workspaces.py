@@ -15,8 +15,8 @@ from datetime import UTC, datetime, timedelta
 import polars as pl
 import pytest
 
-from analytics_reference import Reference, feedback_frame, generations_frame
-from conftest import count_generations, publish, wait_until
+from analytics_reference import Reference, feedback_frame, generations_frame, without_float_noise
+from conftest import count_generations, migrations_before, publish, wait_until
 from factories import gateway_log, iso
 
 T0 = datetime(2026, 5, 4, 9, tzinfo=UTC)
@@ -76,16 +76,6 @@ def loaded(settings, workers, warehouse, producer, org, make_key):
     return {"ref": ref, "org": make_key(org), "ws": make_key(org, "team-a")}
 
 
-def rounded(value):
-    if isinstance(value, float):
-        return round(value, 6)
-    if isinstance(value, dict):
-        return {k: rounded(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [rounded(v) for v in value]
-    return value
-
-
 FEEDBACK_GRAPHS = ["graphs/feedbacks", "graphs/feedbacks/scores", "graphs/feedbacks/weighted", "graphs/feedbacks/ai-models"]
 FB_COLUMNS = "requests,requests_with_feedback,avg_weighted_feedback"
 GROUPS = [
@@ -114,9 +104,9 @@ def test_feedback_endpoints_match_the_reference_when_traces_span_workspaces(api,
                 r = api.get(f"/v1/analytics/{route}", params=params, headers={"x-portkey-api-key": loaded[key]})
                 assert r.status_code == 200, (route, params, r.text)
                 expected = ref.compute(route, params, key_workspace=key_ws)
-                got = rounded(r.json())
-                if got != rounded(expected):
-                    failures.append(f"{flt} {key} ws={slug} {route} {extra}:\n  got      {got}\n  expected {rounded(expected)}")
+                got = without_float_noise(r.json())
+                if got != without_float_noise(expected):
+                    failures.append(f"{flt} {key} ws={slug} {route} {extra}:\n  got      {got}\n  expected {without_float_noise(expected)}")
     assert not failures, "\n".join(failures)
 
 
@@ -126,21 +116,15 @@ def test_feedback_endpoints_match_the_reference_when_traces_span_workspaces(api,
 @pytest.fixture
 def old_db(base_settings, warehouse, tmp_path):
     """A fresh database migrated up to 0021 (the release before 0022), and the full migrations' directory."""
-    import shutil
     import uuid
 
     from warehouse.client import connect
-    from warehouse.migrate import MIGRATIONS_DIR, migrate
+    from warehouse.migrate import migrate
 
     name = f"fbws_{uuid.uuid4().hex[:12]}"
     warehouse.command(f"CREATE DATABASE IF NOT EXISTS {name}")
     client = connect(base_settings.warehouse_dsn, database=name)
-    before = tmp_path / "before"
-    before.mkdir()
-    for f in MIGRATIONS_DIR.glob("*.sql"):
-        if int(f.name[:4]) < 22:
-            shutil.copy(f, before / f.name)
-    migrate(client, directory=before)
+    migrate(client, directory=migrations_before(22, tmp_path / "before"))
     yield client
     warehouse.command(f"DROP DATABASE IF EXISTS {name} SYNC")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import migrations_before
 from warehouse.client import connect
 from warehouse.migrate import MIGRATIONS_DIR, MigrationError, apply_retention, migrate
 
@@ -160,13 +161,7 @@ def test_retention_sets_and_removes_the_ttl(db):
 def test_an_interrupted_daily_rebuild_resumes_to_the_daily_layout(db, tmp_path, cut_before):
     """docs/deploy.md: run `tollgate migrate` again after a failed run. 0015 copies generations into a
     daily-partitioned table and swaps the two; cut short anywhere, the re-run ends daily, rows kept once."""
-    import shutil
-
-    before = tmp_path / "before"
-    before.mkdir()
-    for f in MIGRATIONS_DIR.glob("*.sql"):
-        if int(f.name[:4]) < 15:
-            shutil.copy(f, before / f.name)
+    before = migrations_before(15, tmp_path / "before")
     migrate(db, directory=before)
     db.command("INSERT INTO generations (organisation_id, workspace_slug, id, created_at, is_success, response_status_code) "
                "VALUES ('o', 'w', 'a', '2026-11-01 00:00:00', 1, 200), ('o', 'w', 'b', '2026-11-02 00:00:00', 1, 200)")
@@ -221,15 +216,10 @@ def test_keys_create_on_an_old_warehouse_keeps_the_retention(tmp_path):
     release before 0015 that rebuild replaces generations with a table without a TTL; keys create must set
     TOLLGATE_RETENTION_DAYS again, or rows are kept forever until someone runs `tollgate migrate`."""
     import os
-    import shutil
     import subprocess
     import sys
 
-    before = tmp_path / "before"
-    before.mkdir()
-    for f in MIGRATIONS_DIR.glob("*.sql"):
-        if int(f.name[:4]) < 15:
-            shutil.copy(f, before / f.name)
+    before = migrations_before(15, tmp_path / "before")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
     env.update(TOLLGATE_DATA_DIR=str(tmp_path / "data"), TOLLGATE_RETENTION_DAYS="30", TOLLGATE_AUDIT_RETENTION_DAYS="30")
 

@@ -1,5 +1,5 @@
-"""``/analytics/groups/…``: the column catalog, and Polars merging the generation and
-feedback aggregates per group, then sorting and paging."""
+"""``/analytics/groups/…``: the column catalog, and Polars shaping the aggregates per
+group, then sorting and paging."""
 
 from __future__ import annotations
 
@@ -92,17 +92,10 @@ def measures_for(columns: list[str]) -> list[str]:
     return list(dict.fromkeys(m for c in columns for m in COLUMNS[c].measures)) or ["requests"]
 
 
-def merge(generations: pa.Table, feedback: pa.Table | None) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(per-group rows, the one-row total) with generation and feedback aggregates side by side."""
-    rows, total = split_total(generations, "key")
-    if feedback is not None:
-        fb = pl.DataFrame(pl.from_arrow(feedback))
-        fb_rows = fb.filter(col("key").is_not_null()).with_columns(col("key").cast(rows.schema["key"]))
-        rows = fill_zeros(rows.join(fb_rows, on="key", how="left"))
-        fb_total = fb.filter(col("key").is_null()).drop("key")
-        total = fill_zeros(pl.concat([total, fb_total], how="horizontal") if fb_total.height else
-                           total.with_columns(*(pl.lit(0).alias(c) for c in fb_total.columns)))
-    return rows, total
+def split(table: pa.Table) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(per-group rows, the one-row total; zeros if the query had none), absent values as 0."""
+    rows, total = split_total(table, "key")
+    return fill_zeros(rows), fill_zeros(total)
 
 
 def respond(rows: pl.DataFrame, key_name: str, fields: dict[str, pl.Expr], page: Page,

@@ -110,8 +110,8 @@ def _requests_and_cost(request: Request, aq: AnalyticsQuery, group: str, key_nam
     """The spec's users and ai-models groups: requests and cost, as strings."""
     page = _page(request, ["requests", "cost"], key_name, "requests")
     with request.app.state.warehouse.borrow() as client:
-        table = q.grouped(client, aq.where, group, ["requests", "cost"])
-    rows, _ = groups.merge(table, None)
+        table = q.grouped(client, aq.where, group, ["requests", "cost"], total=False)
+    rows, _ = groups.split(table)
     return groups.respond(rows, key_name, groups.USERS_FIELDS, page, formats=groups.AS_STRINGS)
 
 
@@ -132,8 +132,9 @@ def group_metadata(metadataKey: str, request: Request, aq: AnalyticsQuery = Depe
     fields = list(groups.METADATA_FIELDS)
     page = _page(request, fields, "metadata_value", "requests")
     with request.app.state.warehouse.borrow() as client:
-        table = q.grouped_with_feedback(client, aq.where, "metadata", ["requests", "cost", "tokens", "last_seen"], metadata_key=metadataKey)
-    rows, _ = groups.merge(table, None)
+        table = q.grouped(client, aq.where, "metadata", ["requests", "cost", "tokens", "last_seen"],
+                          metadata_key=metadataKey, feedback=True, total=False)
+    rows, _ = groups.split(table)
     return groups.respond(rows, "metadata_value", groups.METADATA_FIELDS, page)
 
 
@@ -147,12 +148,8 @@ def _columns_group(request: Request, aq: AnalyticsQuery, group: str, key_name: s
     measures = groups.measures_for(columns)
     wants_feedback = any(groups.COLUMNS[c].feedback for c in columns)
     with request.app.state.warehouse.borrow() as client:
-        if wants_feedback and not include_total and all(m in q.PER_TRACE_COMBINE for m in measures):
-            table, feedback = q.grouped_with_feedback(client, aq.where, group, measures), None  # one scan
-        else:
-            table = q.grouped(client, aq.where, group, measures)
-            feedback = q.feedback_grouped(client, aq.where, group) if wants_feedback else None
-    rows, total = groups.merge(table, feedback)
+        table = q.grouped(client, aq.where, group, measures, feedback=wants_feedback, total=include_total)
+    rows, total = groups.split(table)
     fields = {c: groups.COLUMNS[c].expr for c in columns}
     return groups.respond(rows, key_name, fields, page, summary=total if include_total else None)
 

@@ -12,8 +12,6 @@ percentiles are the true window values, computed in the same scan.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 
@@ -45,16 +43,6 @@ MEASURES: dict[str, str] = {
     "retry_attempts": f"sumMapIf([retry_success_count], [toUInt64(1)], retry_success_count > 0 AND {SUCCEEDED})",
     "fallback_rescued": f"countIf(mode = 'fallback' AND last_used_option_index > 0 AND {SUCCEEDED})",
     "last_seen": "max(created_at)",
-}
-
-# How the partial values of a measure, computed per (group, trace), combine into the
-# group's value. Only these measures can be computed in the one-scan
-# :func:`grouped_with_feedback`; the others (distinct users, percentiles, maps) are not
-# decomposable by trace.
-PER_TRACE_COMBINE: dict[str, str] = {
-    "requests": "sum", "cost": "sum", "tokens": "sum", "prompt_tokens": "sum", "completion_tokens": "sum",
-    "latency_sum": "sum", "errors": "sum", "simple_hits": "sum", "semantic_hits": "sum",
-    "last_seen": "max",
 }
 
 # group_by name → key expression over generations.
@@ -138,15 +126,21 @@ def totals(client: Client, where: Where, measures: list[str]) -> pa.Table:
     return client.query_arrow(sql, parameters=where.params, settings=FINAL_SETTINGS)
 
 
-def grouped(client: Client, where: Where, group: str, measures: list[str], metadata_key: str | None = None) -> pa.Table:
-    """One row per group (``key``) plus the total row (key NULL). Users and metadata
-    groups drop requests without a (non-empty) value."""
+def grouped(client: Client, where: Where, group: str, measures: list[str], metadata_key: str | None = None,
+            feedback: bool = False, total: bool = True) -> pa.Table:
+    """One row per group (``key``) plus, with ``total``, the row of the whole selection (key NULL).
+    Users and metadata groups drop requests without a (non-empty) value.
+
+    With ``feedback``, also ``requests_with_feedback`` and the feedback sums
+    (FEEDBACK_MEASURES) of each group's distinct traces, in the same scan: see
+    :func:`_with_feedback`."""
     params = dict(where.params)
     group, condition = _group_condition(group, where.sql, params, metadata_key)
-    sql = (
-        f"SELECT {GROUP_KEYS[group]} AS key, {_select(measures)} FROM generations FINAL WHERE {condition} "
-        "GROUP BY GROUPING SETS ((key), ())"
-    )
+    sets = "GROUPING SETS ((key), ())" if total else "key"
+    if not feedback:
+        sql = f"SELECT {GROUP_KEYS[group]} AS key, {_select(measures)} FROM generations FINAL WHERE {condition} GROUP BY {sets}"
+    else:
+        sql = _with_feedback(where, f"{GROUP_KEYS[group]} AS key, {_select(measures)}", condition, sets, measures)
     return client.query_arrow(sql, parameters=params, settings=FINAL_SETTINGS)
 
 
@@ -201,10 +195,9 @@ def _select_trace(where: Where) -> str:
     return ", ".join(f"{expr} AS {name}" if expr != name else name for name, expr in _trace_columns(where).items())
 
 
-def _on_trace(where: Where, right_names: dict[str, str] | None = None) -> str:
+def _on_trace(where: Where) -> str:
     """The join condition of a ``trace_feedback`` row (``f``) and a trace (``t``)."""
-    names = right_names or {}
-    return " AND ".join(f"f.{name} = t.{names.get(name, name)}" for name in _trace_columns(where))
+    return " AND ".join(f"f.{name} = t.{name}" for name in _trace_columns(where))
 
 
 # What a query may need of a trace's requests: when it started, and the model of its
@@ -219,22 +212,15 @@ TRACE_ATTRIBUTES = {
 }
 
 
-def _traces(where: Where, extra_key: str | None = None, attributes: tuple[str, ...] = ()) -> str:
+def _traces(where: Where, attributes: tuple[str, ...] = ()) -> str:
     """The traces (``trace_hash``, and ``tws``, the workspace, organisation-wide) of the selected
     generations that have feedback, with their number of requests and the asked
-    ``attributes`` (names of TRACE_ATTRIBUTES).
-
-    With ``extra_key``, one row per (trace, key) plus one row per trace with a NULL
-    key, so that an outer ``GROUP BY key`` also yields the whole selection's row in
-    which each trace counts once.
-    """
+    ``attributes`` (names of TRACE_ATTRIBUTES)."""
     names = ", ".join(_trace_columns(where))
-    key = f", {extra_key} AS key" if extra_key else ""
-    group = f"GROUPING SETS (({names}, key), ({names}))" if extra_key else names
     extra = "".join(f", {TRACE_ATTRIBUTES[a]} AS {a}" for a in attributes)
     return (
-        f"SELECT {_select_trace(where)}{key}{extra}, count() AS requests "
-        f"FROM generations FINAL WHERE {where.sql} AND {_has_feedback(where)} GROUP BY {group}"
+        f"SELECT {_select_trace(where)}{extra}, count() AS requests "
+        f"FROM generations FINAL WHERE {where.sql} AND {_has_feedback(where)} GROUP BY {names}"
     )
 
 
@@ -273,44 +259,24 @@ def feedback_by(client: Client, where: Where, by: str) -> pa.Table:
     return client.query_arrow(sql, parameters=where.params, settings=FINAL_SETTINGS)
 
 
-def feedback_grouped(client: Client, where: Where, group: str, metadata_key: str | None = None) -> pa.Table:
-    """Per group (and for the whole selection, key NULL): the requests whose trace has
-    feedback, and the feedback of the group's distinct traces."""
-    params = dict(where.params)
-    condition = where.sql
-    group, condition = _group_condition(group, condition, params, metadata_key)
-    sql = (
-        f"SELECT t.key AS key, sum(t.requests) AS requests_with_feedback, {FEEDBACK_MEASURES} "
-        f"FROM ({_traces(replace(where, sql=condition, params=params), GROUP_KEYS[group])}) AS t "
-        f"INNER JOIN ({_per_trace(where)}) AS f ON {_on_trace(where)} GROUP BY key"
-    )
-    return client.query_arrow(sql, parameters=params, settings=FINAL_SETTINGS)
+def _with_feedback(where: Where, select: str, condition: str, group_by: str, measures: list[str]) -> str:
+    """A scan of generations per group that also carries, per group, its requests whose
+    trace has feedback and the set of those traces; then each group's traces join their
+    feedback (``trace_feedback``), so a trace counts once per group, and once in the total
+    row however many groups it spans.
 
-
-def grouped_with_feedback(client: Client, where: Where, group: str, measures: list[str], metadata_key: str | None = None) -> pa.Table:
-    """One row per group (no total row): the ``measures`` (all in PER_TRACE_COMBINE) and
-    the feedback columns of :func:`feedback_grouped`, in ONE scan of generations.
-
-    The scan groups by (key, trace hash if the trace has feedback, else 0): the rows of
-    a key without feedback collapse into one, each trace with feedback keeps its own, to
-    join its feedback once. The group's measures are the combination of its rows. There
-    is no total row: a trace in two groups would count twice in it.
-    """
-    unknown = [m for m in measures if m not in PER_TRACE_COMBINE]
-    if unknown:
-        raise ValueError(f"not computable per trace: {unknown}")
-    params = dict(where.params)
-    group, condition = _group_condition(group, where.sql, params, metadata_key)
-    # Organisation-wide, a trace is also named by its workspace (tws).
-    workspace = "" if where.one_workspace else f", {_trace_columns(where)['tws']} AS tws"
+    The groups are still one row per key, the traces an array appended to only for requests
+    with feedback (docs/analytics.md has the figures against the alternatives)."""
+    trace = "trace_hash" if where.one_workspace else "(workspace_slug, trace_hash)"
     scan = (
-        f"SELECT {GROUP_KEYS[group]} AS key, if({_has_feedback(where)}, trace_hash, 0) AS th{workspace}, "
-        f"{_select(measures)} FROM generations FINAL WHERE {condition} GROUP BY key, th{', tws' if workspace else ''}"
+        f"WITH {_has_feedback(where)} AS has_feedback SELECT {select}, countIf(has_feedback) AS requests_with_feedback, "
+        f"groupArrayIf({trace}, has_feedback) AS traces FROM generations FINAL WHERE {condition} GROUP BY {group_by}"
     )
-    combined = ", ".join(f"{PER_TRACE_COMBINE[m]}(t.{m}) AS {m}" for m in measures)
-    on = _on_trace(where, right_names={"trace_hash": "th"})
-    sql = (
-        f"SELECT t.key AS key, {combined}, sumIf(t.requests, t.th != 0) AS requests_with_feedback, {FEEDBACK_MEASURES} "
-        f"FROM ({_per_trace(where)}) AS f RIGHT JOIN ({scan}) AS t ON {on} GROUP BY t.key"
+    on = "f.trace_hash = t" if where.one_workspace else "f.tws = t.1 AND f.trace_hash = t.2"
+    carried = ", ".join(f"any(g.{m}) AS {m}" for m in [*measures, "requests_with_feedback"])
+    # A group without traces keeps one row (LEFT ARRAY JOIN, t = 0 or ('', 0)), which joins no
+    # feedback: feedback trace ids are never empty, so no trace_feedback row has hash 0.
+    return (
+        f"SELECT g.key AS key, {carried}, {FEEDBACK_MEASURES} FROM ({scan}) AS g "
+        f"LEFT ARRAY JOIN arrayDistinct(g.traces) AS t LEFT JOIN ({_per_trace(where)}) AS f ON {on} GROUP BY g.key"
     )
-    return client.query_arrow(sql, parameters=params, settings=FINAL_SETTINGS)

@@ -363,6 +363,7 @@ def load(data_dir: Path, rows: int, layout: str) -> dict:
         client.command("TRUNCATE TABLE generations")
         client.command("TRUNCATE TABLE feedback")
         client.command("TRUNCATE TABLE trace_feedback")
+        client.command("TRUNCATE TABLE metadata_values")
     t0 = time.perf_counter()
     live = max(rows - CHUNK, 0)
     inserts = [(s, min(CHUNK, live - s)) for s in range(0, live, CHUNK)]
@@ -372,6 +373,9 @@ def load(data_dir: Path, rows: int, layout: str) -> dict:
         client.command(generations_sql(start, count, rows, layout))
         if count == CHUNK or start + count == rows:
             print(f"  generations {start + count:>12,} / {rows:,}  ({time.perf_counter() - c0:.1f} s)", flush=True)
+    from warehouse.queries.metadata import store_all_metadata_values
+
+    store_all_metadata_values(client)  # what the ingest stores before each batch (0023)
     gen_s = time.perf_counter() - t0
     from warehouse.queries.feedback import refresh_traces
 

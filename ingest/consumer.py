@@ -117,10 +117,10 @@ class IngestConsumer:
         """``write`` (one insert attempt, on the insert thread), timed and its failures counted."""
         seconds, errors = m.INGEST_INSERT_SECONDS.labels(self.topic), m.INGEST_INSERT_ERRORS.labels(self.topic)
 
-        def timed(codec, rows) -> None:
+        def timed(codec, rows, metadata_values) -> None:
             started = time.monotonic()
             try:
-                write(codec, rows)
+                write(codec, rows, metadata_values)
             except Exception:
                 errors.inc()
                 raise

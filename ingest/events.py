@@ -466,6 +466,11 @@ AUDIT_COLUMNS = [
 _row_encoder = msgspec.json.Encoder()
 
 
+# (organisation_id, workspace_slug, key, value) → the latest created_at (epoch seconds) of a
+# batch's requests that carry that metadata pair: what ``metadata_values`` (0023) stores.
+MetadataValues = dict[tuple[str, str, str, str], float]
+
+
 class Codec:
     """How one topic's events become rows of one table.
 
@@ -473,19 +478,56 @@ class Codec:
     (a JSON array in ``columns`` order). A batch is those lines, streamed to
     ClickHouse, which parses them itself, off the GIL. Encoding happens per event, so a
     value that cannot be encoded is an invalid event, never a failed batch.
+
+    The codec of ``generations`` also collects, while encoding, the metadata pairs of its
+    rows, which the sink stores before the rows (ingest/sink.py).
     """
 
     def __init__(self, table: str, columns: list[str], decode: Callable[[bytes], tuple]):
         self.table = table
         self.columns = columns
         self.decode = decode
+        self._pair_at = tuple(columns.index(c) for c in (
+            "organisation_id", "workspace_slug", "metadata.key", "metadata.value", "created_at")) if table == "generations" else None
 
-    def encode(self, value: bytes) -> bytes:
+    @property
+    def collects_metadata_values(self) -> bool:
+        return self._pair_at is not None
+
+    def encode(self, value: bytes, metadata_values: MetadataValues | None = None) -> bytes:
+        """The event's row; its metadata pairs are added to ``metadata_values`` when given."""
         row = self.decode(value)
         try:
-            return _row_encoder.encode(row)
+            line = _row_encoder.encode(row)
         except (UnicodeEncodeError, OverflowError, TypeError) as exc:
             raise InvalidEvent(f"cannot store the event: {exc}") from None
+        if metadata_values is not None and self._pair_at is not None:
+            self._add_pairs(metadata_values, row)
+        return line
+
+    def _add_pairs(self, found: MetadataValues, row) -> None:
+        org_at, ws_at, keys_at, values_at, created_at = self._pair_at
+        keys = row[keys_at]
+        if not keys:
+            return
+        org, ws, created = row[org_at], row[ws_at], row[created_at]
+        for key, value in zip(keys, row[values_at]):
+            pair = (org, ws, key, value)
+            seen = found.get(pair)
+            if seen is None or seen < created:
+                found[pair] = created
+
+    def metadata_values_of(self, rows) -> MetadataValues:
+        """The metadata pairs of encoded rows (lines; a spool file's chunks of lines too), for
+        writers that did not collect them while encoding: parses every row (~2 µs each)."""
+        found: MetadataValues = {}
+        if self._pair_at is None:
+            return found
+        for chunk in rows:
+            for line in chunk.splitlines():
+                if line.strip():
+                    self._add_pairs(found, orjson.loads(line))
+        return found
 
     @staticmethod
     def chunks(rows: list[bytes], size: int = 2000) -> Iterator[bytes]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from ingest.dead_letter import DeadLetter, DeadLetterQueue
-from ingest.events import Codec, InvalidEvent
+from ingest.events import Codec, InvalidEvent, MetadataValues
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class Batch:
     """Rows to insert together, the offsets they cover, and their dead letters."""
 
     rows: list[bytes] = field(default_factory=list)  # encoded rows (Codec.encode)
+    metadata_values: MetadataValues = field(default_factory=dict)  # the rows' metadata pairs (gateway logs)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     offsets: dict[TopicPartition, int] = field(default_factory=dict)  # next offset to consume
     opened_at: float = field(default_factory=time.monotonic)
@@ -89,7 +90,7 @@ class Validate:
                 raise InvalidEvent("empty message (null value)")
             if len(value) > self.max_event_bytes:
                 raise InvalidEvent(f"oversized event: {len(value)} bytes > {self.max_event_bytes}")
-            row = self.codec.encode(value)
+            row = self.codec.encode(value, self.next.open().metadata_values)
         except InvalidEvent as exc:
             self.next.add(message, dead_letter=self.dlq.send(message, exc.reason))
         except MemoryError:  # the process's trouble, not the event's: never dead-letter (and commit) a good event
@@ -129,9 +130,14 @@ class BatchStep:
             if self.ready is not None:
                 raise MessageRejected()
 
-    def add(self, message: Message, row: bytes | None = None, dead_letter: DeadLetter | None = None) -> None:
+    def open(self) -> Batch:
+        """The batch being filled (a new one if none is)."""
         if self.batch is None:
             self.batch = Batch(generation=self.generation)
+        return self.batch
+
+    def add(self, message: Message, row: bytes | None = None, dead_letter: DeadLetter | None = None) -> None:
+        self.open()
         if dead_letter is not None:
             self.batch.dead_letters.append(dead_letter)
         else:
@@ -193,7 +199,7 @@ class Insert:
     def __init__(
         self,
         codec: Codec,
-        write: Callable[[Codec, list[bytes]], None],
+        write: Callable[[Codec, list[bytes], MetadataValues], None],
         dead_letters: DeadLetterQueue,
         next_step: "Commit",
         retry_max_seconds: float = 30.0,
@@ -224,7 +230,7 @@ class Insert:
         while True:
             try:
                 if pending_rows:
-                    self.write(self.codec, batch.rows)
+                    self.write(self.codec, batch.rows, batch.metadata_values)
                     pending_rows = False  # acknowledged: never insert this batch again, even if DLQ retries below
                 self.dlq.confirm(batch.dead_letters)
                 break
@@ -297,7 +303,7 @@ class Commit:
 
 def build_pipeline(
     codec: Codec,
-    write: Callable[[Codec, list[bytes]], None],
+    write: Callable[[Codec, list[bytes], MetadataValues], None],
     dead_letters: DeadLetterQueue,
     commit: Callable[[dict[TopicPartition, int]], None],
     *,

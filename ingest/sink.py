@@ -7,6 +7,7 @@ process over a pipe to insert it (:class:`RemoteSink` → :class:`SinkServer`), 
 runs ``INSERT … FROM INFILE`` and answers only after ClickHouse acknowledged.
 Either way the worker commits its offsets only after that answer, and for feedback only
 after the per-trace sums of the batch's traces were rewritten too (:func:`after_insert`).
+A batch of gateway logs first stores the texts of its metadata pairs (:func:`before_insert`).
 (The spool file
 is what clickhouse-connect's chdb backend does for every insert anyway; writing it
 in the worker saves copying each batch through the pipe and the owner's memory.)
@@ -26,10 +27,11 @@ from typing import Protocol
 import orjson
 from clickhouse_connect.driver.binding import quote_identifier
 
-from ingest.events import Codec
+from ingest.events import GENERATIONS, Codec, MetadataValues
 from warehouse.client import connect
 from warehouse.cluster import CLUSTER_READ, CLUSTER_WRITE, layout
 from warehouse.queries.feedback import refresh_traces
+from warehouse.queries.metadata import store_metadata_values
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ INSERT_SETTINGS = {
 
 
 class Sink(Protocol):
-    def __call__(self, codec: Codec, rows: list[bytes]) -> None: ...
+    def __call__(self, codec: Codec, rows: list[bytes], metadata_values: MetadataValues | None = None) -> None: ...
 
 
 class InsertFailed(RuntimeError):
@@ -64,11 +66,27 @@ def check_fault(fault_file: Path | None) -> None:
         raise InsertFailed(f"warehouse outage injected: {fault_file} exists")
 
 
-def insert_rows(client, codec: Codec, rows: list[bytes]) -> None:
-    """One INSERT … FORMAT JSONCompactEachRow, streamed; ClickHouse parses the batch."""
+def insert_rows(client, codec: Codec, rows: list[bytes], metadata_values: MetadataValues | None = None) -> None:
+    """One INSERT … FORMAT JSONCompactEachRow, streamed; ClickHouse parses the batch.
+
+    ``metadata_values``: the rows' metadata pairs as :meth:`Codec.encode` collected them;
+    when None they are parsed out of the rows."""
+    before_insert(client, codec, rows, metadata_values)
     client.raw_insert(codec.table, column_names=codec.columns, insert_block=codec.chunks(rows),
                       fmt="JSONCompactEachRow", settings={**INSERT_SETTINGS, **(CLUSTER_WRITE if _quorum(client, codec.table) else {})})
     after_insert(client, codec.table, codec.columns, rows)
+
+
+def before_insert(client, codec: Codec, rows, metadata_values: MetadataValues | None) -> None:
+    """What must be stored before a batch: for gateway logs, the texts of the rows' metadata
+    pairs (``metadata_values``, migration 0023), so that every stored request's pair has
+    its text when a metadata group reads it. A failure fails the batch before its rows
+    are inserted; stored again on the retry, a pair keeps one row."""
+    if not codec.collects_metadata_values:
+        return
+    if metadata_values is None:
+        metadata_values = codec.metadata_values_of(rows)
+    store_metadata_values(client, metadata_values)
 
 
 def after_insert(client, table: str, columns: list[str], rows) -> None:
@@ -112,9 +130,9 @@ class DirectSink:
         self.client = connect(dsn)
         self.fault_file = fault_file
 
-    def __call__(self, codec: Codec, rows: list[bytes]) -> None:
+    def __call__(self, codec: Codec, rows: list[bytes], metadata_values: MetadataValues | None = None) -> None:
         check_fault(self.fault_file)
-        insert_rows(self.client, codec, rows)
+        insert_rows(self.client, codec, rows, metadata_values)
 
 
 class RemoteSink:
@@ -126,13 +144,13 @@ class RemoteSink:
         self._lock = threading.Lock()  # the consumers of one process share the pipe
         self._count = itertools.count()
 
-    def __call__(self, codec: Codec, rows: list[bytes]) -> None:
+    def __call__(self, codec: Codec, rows: list[bytes], metadata_values: MetadataValues | None = None) -> None:
         path = self.spool_dir / f"{os.getpid()}-{next(self._count)}.jsonl"
         try:
             with open(path, "wb") as spool:
                 spool.writelines(codec.chunks(rows))
             with self._lock:
-                self.conn.send((codec.table, codec.columns, str(path)))
+                self.conn.send((codec.table, codec.columns, str(path), metadata_values))
                 status, detail = self.conn.recv()
         finally:
             path.unlink(missing_ok=True)
@@ -163,11 +181,14 @@ class SinkServer:
     def _loop(self, client) -> None:
         while True:
             try:
-                table, columns, path = self.conn.recv()
+                table, columns, path, metadata_values = self.conn.recv()
             except (EOFError, OSError):
                 return  # the worker process is gone
             try:
                 check_fault(self.fault_file)
+                if table == GENERATIONS.table:
+                    with open(path, "rb") as spooled:  # read only when the worker sent no pairs
+                        before_insert(client, GENERATIONS, spooled, metadata_values)
                 insert_file(client, table, columns, path)
                 with open(path, "rb") as spooled:
                     after_insert(client, table, columns, spooled)

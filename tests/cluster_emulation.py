@@ -188,6 +188,7 @@ def main(workdir: Path) -> dict:
     out["layout"] = layout(w).cluster
     # the data set is from early 2026: keep it (no TTL), as the test session does
     apply_retention(w, 0, layout=layout(w))
+    apply_retention(w, 0, table="metadata_values", layout=layout(w))
     apply_retention(w, 0, table="audit_logs", layout=layout(w))
     out["generations_local_ttl_removed"] = "TTL" not in raw.command(
         "SELECT create_table_query FROM system.tables WHERE database = currentDatabase() AND name = 'generations_local'")

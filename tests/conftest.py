@@ -182,6 +182,17 @@ def make_key(warehouse) -> Callable[..., str]:
     return _make
 
 
+@pytest.fixture
+def empty_db(base_settings, warehouse):
+    """A client whose current database is a fresh, empty one (not migrated), dropped afterwards."""
+    name = f"scratch_{uuid.uuid4().hex[:12]}"
+    warehouse.command(f"CREATE DATABASE IF NOT EXISTS {name}")
+    client = connect(base_settings.warehouse_dsn, database=name)
+    assert client.command("SELECT currentDatabase()") == name
+    yield client
+    warehouse.command(f"DROP DATABASE IF EXISTS {name} SYNC")
+
+
 def migrations_before(version: int, directory: Path) -> Path:
     """``directory`` filled with the migration files numbered below ``version``: what a release before
     that migration applied (upgrade tests migrate with it, then with every file)."""

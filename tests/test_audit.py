@@ -36,7 +36,6 @@ from ingest.producer import ensure_topics, make_producer
 from ingest.workers import IngestWorkers
 from tollgate.broker import EmbeddedBroker, free_port
 from tollgate.stack import ApiServer
-from warehouse.client import connect
 from warehouse.migrate import migrate
 
 SPEC = Path(__file__).resolve().parents[1] / "spec" / "portkey-api-subset.yaml"
@@ -714,20 +713,15 @@ def test_bad_audit_records_are_dead_lettered_and_good_ones_stored(settings, prod
     assert sorted(m.value for m in dead) == sorted(orjson.dumps(ev) for ev in bad)
 
 
-def test_migration_makes_an_append_only_replacing_table_with_a_retention_ttl(base_settings, warehouse):
-    name = f"audit_{uuid.uuid4().hex[:12]}"
-    warehouse.command(f"CREATE DATABASE IF NOT EXISTS {name}")
-    try:
-        db = connect(base_settings.warehouse_dsn, database=name)
-        migrate(db, audit_retention_days=90)
-        ddl = db.command("SELECT create_table_query FROM system.tables WHERE database = currentDatabase() AND name = 'audit_logs'")
-        assert "ReplacingMergeTree(version)" in ddl and "ORDER BY (organisation_id, timestamp, request_id)" in ddl
-        assert "toIntervalDay(90)" in ddl
-        migrate(db, audit_retention_days=0)
-        ddl = db.command("SELECT create_table_query FROM system.tables WHERE database = currentDatabase() AND name = 'audit_logs'")
-        assert " TTL " not in ddl
-    finally:
-        warehouse.command(f"DROP DATABASE IF EXISTS {name} SYNC")
+def test_migration_makes_an_append_only_replacing_table_with_a_retention_ttl(empty_db):
+    db = empty_db
+    migrate(db, audit_retention_days=90)
+    ddl = db.command("SELECT create_table_query FROM system.tables WHERE database = currentDatabase() AND name = 'audit_logs'")
+    assert "ReplacingMergeTree(version)" in ddl and "ORDER BY (organisation_id, timestamp, request_id)" in ddl
+    assert "toIntervalDay(90)" in ddl
+    migrate(db, audit_retention_days=0)
+    ddl = db.command("SELECT create_table_query FROM system.tables WHERE database = currentDatabase() AND name = 'audit_logs'")
+    assert " TTL " not in ddl
 
 
 def test_a_second_key_header_does_not_take_a_change_out_of_the_organisations_trail(api, workers, warehouse, make_key, org):

@@ -451,7 +451,7 @@ def scratch_warehouse(base_settings, warehouse):
     warehouse.command(f"CREATE DATABASE {db}")
     client = connect(base_settings.warehouse_dsn, database=db)
     migrate(client)
-    _SCRATCH["write"] = lambda codec, rows: insert_rows(client, codec, rows)
+    _SCRATCH["write"] = lambda codec, rows, metadata_values=None: insert_rows(client, codec, rows, metadata_values)
     yield
     _SCRATCH.clear()
     warehouse.command(f"DROP DATABASE {db}")

@@ -114,19 +114,12 @@ def test_feedback_endpoints_match_the_reference_when_traces_span_workspaces(api,
 
 
 @pytest.fixture
-def old_db(base_settings, warehouse, tmp_path):
-    """A fresh database migrated up to 0021 (the release before 0022), and the full migrations' directory."""
-    import uuid
-
-    from warehouse.client import connect
+def old_db(empty_db, tmp_path):
+    """A fresh database migrated up to 0021 (the release before 0022)."""
     from warehouse.migrate import migrate
 
-    name = f"fbws_{uuid.uuid4().hex[:12]}"
-    warehouse.command(f"CREATE DATABASE IF NOT EXISTS {name}")
-    client = connect(base_settings.warehouse_dsn, database=name)
-    migrate(client, directory=migrations_before(22, tmp_path / "before"))
-    yield client
-    warehouse.command(f"DROP DATABASE IF EXISTS {name} SYNC")
+    migrate(empty_db, directory=migrations_before(22, tmp_path / "before"))
+    return empty_db
 
 
 def _stored_per_workspace(client, org: str) -> dict:
@@ -161,7 +154,7 @@ def test_migration_0022_backfills_per_workspace_and_a_rerun_changes_nothing(old_
     _, feedback = generate(org, seed=11)
     old_db.raw_insert("feedback", column_names=FEEDBACK.columns, fmt="JSONCompactEachRow",
                       insert_block=b"".join(FEEDBACK.encode(orjson.dumps(e)) + b"\n" for e in feedback))
-    assert migrate(old_db, directory=MIGRATIONS_DIR) == ["0022_trace_feedback.sql"]
+    assert migrate(old_db, directory=MIGRATIONS_DIR)[0] == "0022_trace_feedback.sql"
     expected = _expected_per_workspace(old_db, feedback, org)
     assert len({ws for ws, _ in expected}) == 4  # default, team-a, '' and ghost
     assert _stored_per_workspace(old_db, org) == expected

@@ -8,13 +8,11 @@ other tests use.
 from __future__ import annotations
 
 import hashlib
-import uuid
 from pathlib import Path
 
 import pytest
 
 from conftest import migrations_before
-from warehouse.client import connect
 from warehouse.migrate import MIGRATIONS_DIR, MigrationError, apply_retention, migrate
 
 A_SQL = """-- the first table
@@ -37,14 +35,8 @@ C_SQL = """CREATE TABLE IF NOT EXISTS mig_c (id UInt32) ENGINE = MergeTree ORDER
 
 
 @pytest.fixture
-def db(base_settings, warehouse):
-    """A client whose current database is a fresh, empty one."""
-    name = f"mig_{uuid.uuid4().hex[:12]}"
-    warehouse.command(f"CREATE DATABASE IF NOT EXISTS {name}")
-    client = connect(base_settings.warehouse_dsn, database=name)
-    assert client.command("SELECT currentDatabase()") == name
-    yield client
-    warehouse.command(f"DROP DATABASE IF EXISTS {name} SYNC")
+def db(empty_db):
+    return empty_db
 
 
 def tables(client) -> set[str]:

@@ -16,6 +16,7 @@ import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 
 from warehouse.filters import USER_EXPR, Where
+from warehouse.queries.metadata import texts as metadata_texts
 
 HITS = "('HIT', 'SEMANTIC HIT')"
 SUCCEEDED = "response_status_code < 400"
@@ -56,7 +57,8 @@ GROUP_KEYS: dict[str, str] = {
     "provider": "virtual_key",
     "prompt": "prompt_slug",
     "user": USER_EXPR,
-    "metadata": "metadata.value[indexOf(metadata.key, {group_metadata_key:String})]",
+    # The pair hash of the key's value (0016, 0023): its text is looked up after grouping.
+    "metadata": "metadata_pairs[indexOf(metadata_key_hashes, cityHash64({group_metadata_key:String}))]",
 }
 
 GRANULARITIES = ("minute", "hour", "day", "week", "month")
@@ -96,13 +98,15 @@ def bucket_sql(column: str, granularity: str) -> str:
 
 
 def _group_condition(group: str, condition: str, params: dict, metadata_key: str | None) -> tuple[str, str]:
-    """Users and metadata groups only hold requests with a non-empty value."""
+    """Users and metadata groups only hold requests with a non-empty value (a metadata
+    pair hash is 0 without the key, the hash of (key, '') with an empty value)."""
     if group == "metadata" and metadata_key == "_user":
         group = "user"
+    if group == "user":
+        condition += f" AND {GROUP_KEYS[group]} != ''"
     if group == "metadata":
         params["group_metadata_key"] = metadata_key
-    if group in ("user", "metadata"):
-        condition += f" AND {GROUP_KEYS[group]} != ''"
+        condition += f" AND {GROUP_KEYS[group]} NOT IN (0, cityHash64({{group_metadata_key:String}}, ''))"
     return group, condition
 
 
@@ -141,6 +145,13 @@ def grouped(client: Client, where: Where, group: str, measures: list[str], metad
         sql = f"SELECT {GROUP_KEYS[group]} AS key, {_select(measures)} FROM generations FINAL WHERE {condition} GROUP BY {sets}"
     else:
         sql = _with_feedback(where, f"{GROUP_KEYS[group]} AS key, {_select(measures)}", condition, sets, measures)
+    if group == "metadata":
+        if total:
+            raise ValueError("metadata groups have no total row")
+        # The groups' texts. LEFT: a pair without its text (never, as ingest stores the texts
+        # first) would show as an empty value rather than vanish from the counts.
+        sql = (f"SELECT v.value AS key, g.* EXCEPT (key) FROM ({sql}) AS g "
+               f"LEFT JOIN ({metadata_texts(where.one_workspace)}) AS v ON v.pair_hash = g.key")
     return client.query_arrow(sql, parameters=params, settings=FINAL_SETTINGS)
 
 

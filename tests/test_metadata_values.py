@@ -1,0 +1,138 @@
+"""The texts of metadata pairs (``metadata_values``, migration 0023): metadata groups group requests
+by pair hash and read their values' texts from that table. Every way generations are written
+must store the texts first: the ingest's encoding collects them, both sinks store them, and 0023
+backfills a warehouse written before it. Expectations are computed here from the events."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+from multiprocessing import Pipe
+
+import orjson
+import polars as pl
+import pytest
+
+from conftest import migrations_before
+from factories import gateway_log
+from ingest.events import GENERATIONS
+from ingest.sink import DirectSink, RemoteSink, SinkServer
+from warehouse.filters import Filters, compile_where
+from warehouse.queries import analytics as q
+from warehouse.queries.scope import TenantScope
+
+TEXTS = ["a", "O'Brien \"q\"", "日本語", "", "x,y", "prod", "tab\there"]
+
+
+def _events(org: str, n: int, seed: int) -> list[dict]:
+    """Gateway logs with 0–4 metadata keys, repeated keys (only the first counts in groups),
+    empty values, quotes and unicode, in two workspaces and the empty one."""
+    rng = random.Random(seed)
+    events = []
+    for _ in range(n):
+        keys = rng.sample(["_user", "env", "team", "note"], k=rng.randrange(0, 5))
+        values = [rng.choice(TEXTS) for _ in keys]
+        if keys and rng.random() < 0.25:
+            keys.append(keys[0])
+            values.append("a repeated key's later value")
+        events.append(gateway_log(org, workspace=rng.choice(["w1", "w2", ""]), rng=rng,
+                                  **{"metadata.key": keys, "metadata.value": values}))
+    return events
+
+
+def _expected_texts(events: list[dict]) -> dict[tuple, int]:
+    """(org, workspace, key, value) → the latest created_at (epoch ms) of the requests that carry it."""
+    out: dict[tuple, int] = {}
+    for ev in events:
+        m = ev["metrics"]
+        ms = int(datetime.fromisoformat(m["created_at"]).timestamp() * 1000 + 0.5)
+        for k, v in zip(m["metadata.key"], m["metadata.value"]):
+            pair = (m["organisation_id"], m["workspace_slug"], k, v)
+            out[pair] = max(out.get(pair, ms), ms)
+    return out
+
+
+def _stored_texts(client, org: str) -> dict[tuple, int]:
+    rows = client.query("SELECT organisation_id, workspace_slug, key, value, toUnixTimestamp64Milli(max(last_seen)) "
+                        "FROM metadata_values WHERE organisation_id = {o:String} GROUP BY 1, 2, 3, 4",
+                        parameters={"o": org}).result_rows
+    return {tuple(r[:4]): int(r[4]) for r in rows}
+
+
+def _expected_groups(events: list[dict], workspace: str, key: str) -> dict[str, tuple[int, float]]:
+    """value → (requests, cost) over the workspace's requests whose first ``key`` has a non-empty value."""
+    rows = []
+    for ev in events:
+        m = ev["metrics"]
+        if m["workspace_slug"] == workspace and key in m["metadata.key"]:
+            rows.append({"value": m["metadata.value"][m["metadata.key"].index(key)], "cost": m["cost"]})
+    df = pl.DataFrame(rows, schema={"value": pl.Utf8, "cost": pl.Float64}).filter(pl.col("value") != "")
+    return {v: (n, round(c, 6)) for v, n, c in df.group_by("value").agg(pl.len(), pl.col("cost").sum()).iter_rows()}
+
+
+def _groups(client, org: str, workspace: str, key: str) -> dict[str, tuple[int, float]]:
+    where = compile_where(Filters(start=datetime(2026, 11, 1, tzinfo=UTC), end=datetime(2026, 12, 1, tzinfo=UTC)),
+                          TenantScope(org, workspace))
+    table = q.grouped(client, where, "metadata", ["requests", "cost"], metadata_key=key, total=False)
+    return {r["key"]: (r["requests"], round(r["cost"], 6)) for r in table.to_pylist()}
+
+
+def test_encoding_collects_every_pair_with_its_latest_request():
+    """What the ingest collects while encoding equals what the events carry, and what parsing the
+    encoded rows back finds (the path of writers that did not collect)."""
+    events = _events("org-unit", 400, seed=1)
+    collected: dict = {}
+    rows = [GENERATIONS.encode(orjson.dumps(ev), collected) for ev in events]
+    as_ms = {pair: int(seconds * 1000 + 0.5) for pair, seconds in collected.items()}
+    assert as_ms == _expected_texts(events)
+    assert GENERATIONS.metadata_values_of(rows) == collected
+    assert len({pair[2] for pair in collected}) == 4  # every key occurred
+
+
+@pytest.mark.parametrize("sink_kind", ["direct", "remote, collected", "remote, parsed from the spool file"])
+def test_both_sinks_store_the_texts_before_the_rows(base_settings, warehouse, org, tmp_path, sink_kind):
+    events = _events(org, 300, seed=len(sink_kind))
+    collected: dict = {}
+    rows = [GENERATIONS.encode(orjson.dumps(ev), collected) for ev in events]
+    if sink_kind == "direct":
+        DirectSink(base_settings.warehouse_dsn)(GENERATIONS, rows, collected)
+    else:
+        worker_end, owner_end = Pipe()
+        SinkServer(base_settings.warehouse_dsn, owner_end, "test").start()
+        RemoteSink(worker_end, tmp_path)(GENERATIONS, rows, collected if sink_kind.endswith("collected") else None)
+        worker_end.close()
+    assert _stored_texts(warehouse, org) == _expected_texts(events)
+    for workspace in ("w1", ""):
+        for key in ("env", "note"):
+            assert _groups(warehouse, org, workspace, key) == _expected_groups(events, workspace, key), (workspace, key)
+
+
+def test_migration_0023_backfills_the_texts_of_an_older_warehouse(empty_db, tmp_path):
+    """Generations stored by a release before 0023 (no texts table): after the migration, their
+    metadata groups carry the right texts and figures."""
+    from warehouse.migrate import MIGRATIONS_DIR, migrate
+
+    migrate(empty_db, directory=migrations_before(23, tmp_path / "before"))
+    org = "org-upgrade"
+    events = _events(org, 300, seed=7)
+    empty_db.raw_insert("generations", column_names=GENERATIONS.columns, fmt="JSONCompactEachRow",
+                        insert_block=b"".join(GENERATIONS.encode(orjson.dumps(ev)) + b"\n" for ev in events))
+    assert migrate(empty_db, directory=MIGRATIONS_DIR) == ["0023_metadata_values.sql"]
+    assert _stored_texts(empty_db, org) == _expected_texts(events)
+    for key in ("env", "team", "note"):
+        assert _groups(empty_db, org, "w2", key) == _expected_groups(events, "w2", key), key
+
+
+def test_the_retention_ttl_applies_to_the_texts(empty_db):
+    """TOLLGATE_RETENTION_DAYS drops a text once the last request that carries it is dropped."""
+    from warehouse.migrate import apply_retention, migrate
+
+    migrate(empty_db, retention_days=30)
+
+    def ddl() -> str:
+        return str(empty_db.command("SELECT create_table_query FROM system.tables WHERE database = currentDatabase() "
+                                    "AND name = 'metadata_values'"))
+
+    assert "TTL toDateTime(last_seen) + toIntervalDay(30)" in ddl()
+    apply_retention(empty_db, 0, table="metadata_values")
+    assert " TTL " not in ddl()

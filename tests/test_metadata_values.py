@@ -103,7 +103,7 @@ def test_both_sinks_store_the_texts_before_the_rows(base_settings, warehouse, or
         worker_end.close()
     assert _stored_texts(warehouse, org) == _expected_texts(events)
     for workspace in ("w1", ""):
-        for key in ("env", "note"):
+        for key in ("env", "note", "_user"):
             assert _groups(warehouse, org, workspace, key) == _expected_groups(events, workspace, key), (workspace, key)
 
 
@@ -119,7 +119,7 @@ def test_migration_0023_backfills_the_texts_of_an_older_warehouse(empty_db, tmp_
                         insert_block=b"".join(GENERATIONS.encode(orjson.dumps(ev)) + b"\n" for ev in events))
     assert migrate(empty_db, directory=MIGRATIONS_DIR) == ["0023_metadata_values.sql"]
     assert _stored_texts(empty_db, org) == _expected_texts(events)
-    for key in ("env", "team", "note"):
+    for key in ("env", "team", "note", "_user"):
         assert _groups(empty_db, org, "w2", key) == _expected_groups(events, "w2", key), key
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 
-from warehouse.filters import USER_EXPR, Where
+from warehouse.filters import Where
 from warehouse.queries.metadata import texts as metadata_texts
 
 HITS = "('HIT', 'SEMANTIC HIT')"
@@ -56,8 +56,9 @@ GROUP_KEYS: dict[str, str] = {
     "workspace": "workspace_slug",
     "provider": "virtual_key",
     "prompt": "prompt_slug",
-    "user": USER_EXPR,
-    # The pair hash of the key's value (0016, 0023): its text is looked up after grouping.
+    # The hash of the user (0016) and of the key's pair (0016, 0023): their texts are
+    # looked up after grouping (metadata_values, 0023).
+    "user": "user_hash",
     "metadata": "metadata_pairs[indexOf(metadata_key_hashes, cityHash64({group_metadata_key:String}))]",
 }
 
@@ -98,12 +99,13 @@ def bucket_sql(column: str, granularity: str) -> str:
 
 
 def _group_condition(group: str, condition: str, params: dict, metadata_key: str | None) -> tuple[str, str]:
-    """Users and metadata groups only hold requests with a non-empty value (a metadata
-    pair hash is 0 without the key, the hash of (key, '') with an empty value)."""
+    """Users and metadata groups only hold requests with a non-empty value (the user hash is 0
+    without one; a metadata pair hash is 0 without the key, the hash of (key, '') with an
+    empty value)."""
     if group == "metadata" and metadata_key == "_user":
         group = "user"
     if group == "user":
-        condition += f" AND {GROUP_KEYS[group]} != ''"
+        condition += f" AND {GROUP_KEYS[group]} != 0"
     if group == "metadata":
         params["group_metadata_key"] = metadata_key
         condition += f" AND {GROUP_KEYS[group]} NOT IN (0, cityHash64({{group_metadata_key:String}}, ''))"
@@ -145,13 +147,13 @@ def grouped(client: Client, where: Where, group: str, measures: list[str], metad
         sql = f"SELECT {GROUP_KEYS[group]} AS key, {_select(measures)} FROM generations FINAL WHERE {condition} GROUP BY {sets}"
     else:
         sql = _with_feedback(where, f"{GROUP_KEYS[group]} AS key, {_select(measures)}", condition, sets, measures)
-    if group == "metadata":
+    if group in ("user", "metadata"):
         if total:
-            raise ValueError("metadata groups have no total row")
-        # The groups' texts. LEFT: a pair without its text (never, as ingest stores the texts
+            raise ValueError(f"{group} groups have no total row")
+        # The groups' texts. LEFT: a hash without its text (never, as ingest stores the texts
         # first) would show as an empty value rather than vanish from the counts.
-        sql = (f"SELECT v.value AS key, g.* EXCEPT (key) FROM ({sql}) AS g "
-               f"LEFT JOIN ({metadata_texts(where.one_workspace)}) AS v ON v.pair_hash = g.key")
+        texts = metadata_texts(where.one_workspace, user=group == "user")
+        sql = f"SELECT v.value AS key, g.* EXCEPT (key) FROM ({sql}) AS g LEFT JOIN ({texts}) AS v ON v.hash = g.key"
     return client.query_arrow(sql, parameters=params, settings=FINAL_SETTINGS)
 
 

@@ -1,7 +1,8 @@
 """The texts of metadata pairs (``metadata_values``, migration 0023).
 
 A metadata group is computed over the pair hashes of generations (``metadata_pairs``,
-``metadata_key_hashes``), never their strings; its values' texts come from this table.
+``metadata_key_hashes``), a users group over ``user_hash``, never their strings; the
+values' texts come from this table.
 The generations ingest stores a batch's pairs here before the batch (ingest/sink.py).
 """
 
@@ -34,9 +35,11 @@ def store_all_metadata_values(client: Client) -> None:
     )
 
 
-def texts(one_workspace: bool) -> str:
-    """A SELECT of (pair_hash, value): the texts of key ``{group_metadata_key:String}`` in
-    organisation ``{scope_org:String}`` (and workspace ``{scope_ws:String}``)."""
+def texts(one_workspace: bool, user: bool = False) -> str:
+    """A SELECT of (hash, value): the texts of key ``{group_metadata_key:String}`` in organisation
+    ``{scope_org:String}`` (and workspace ``{scope_ws:String}``) by their pair hash; with ``user``,
+    the texts of key ``_user`` by the hash of the value alone (``user_hash``, 0016)."""
     workspace = " AND workspace_slug = {scope_ws:String}" if one_workspace else ""
-    return ("SELECT pair_hash, any(value) AS value FROM metadata_values "
-            f"WHERE organisation_id = {{scope_org:String}}{workspace} AND key = {{group_metadata_key:String}} GROUP BY pair_hash")
+    key, hashed = ("'_user'", "cityHash64(value)") if user else ("{group_metadata_key:String}", "pair_hash")
+    return (f"SELECT {hashed} AS hash, any(value) AS value FROM metadata_values "
+            f"WHERE organisation_id = {{scope_org:String}}{workspace} AND key = {key} GROUP BY hash")

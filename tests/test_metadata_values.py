@@ -6,7 +6,7 @@ backfills a warehouse written before it. Expectations are computed here from the
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from multiprocessing import Pipe
 
 import orjson
@@ -16,7 +16,7 @@ import pytest
 from conftest import migrations_before
 from factories import gateway_log
 from ingest.events import GENERATIONS
-from ingest.sink import DirectSink, RemoteSink, SinkServer
+from ingest.sink import DirectSink, RemoteSink, SinkServer, insert_rows
 from warehouse.filters import Filters, compile_where
 from warehouse.queries import analytics as q
 from warehouse.queries.scope import TenantScope
@@ -133,6 +133,23 @@ def test_the_retention_ttl_applies_to_the_texts(empty_db):
         return str(empty_db.command("SELECT create_table_query FROM system.tables WHERE database = currentDatabase() "
                                     "AND name = 'metadata_values'"))
 
-    assert "TTL toDateTime(last_seen) + toIntervalDay(30)" in ddl()
+    assert "TTL toDateTime(least(last_seen + toIntervalDay(30), " in ddl()
     apply_retention(empty_db, 0, table="metadata_values")
     assert " TTL " not in ddl()
+
+
+def test_a_text_outlives_its_requests_when_one_is_dated_after_2106(empty_db):
+    """Requests may be dated up to 2200 (docs/events.md); toDateTime() of a later last_seen wraps
+    around (2150 → 2013), so a TTL on it dropped a text that requests of today still carry."""
+    from warehouse.migrate import migrate
+
+    migrate(empty_db, retention_days=30)
+    org = "org-far-future"
+    now = datetime.now(UTC).replace(microsecond=0)
+    events = [gateway_log(org, workspace="w1", created_at=at, **{"metadata.key": ["env"], "metadata.value": ["prod"]})
+              for at in (now, datetime(2150, 1, 1, tzinfo=UTC))]
+    insert_rows(empty_db, GENERATIONS, [GENERATIONS.encode(orjson.dumps(ev)) for ev in events])
+    empty_db.command("OPTIMIZE TABLE metadata_values FINAL")  # a merge, which applies the TTL
+    where = compile_where(Filters(start=now - timedelta(days=1), end=now + timedelta(days=1)), TenantScope(org, "w1"))
+    table = q.grouped(empty_db, where, "metadata", ["requests"], metadata_key="env", total=False)
+    assert table.to_pylist() == [{"key": "prod", "requests": 1}]

@@ -5,6 +5,7 @@ backfills a warehouse written before it. Expectations are computed here from the
 
 from __future__ import annotations
 
+import json
 import random
 from datetime import UTC, datetime, timedelta
 from multiprocessing import Pipe
@@ -89,7 +90,7 @@ def test_encoding_collects_every_pair_with_its_latest_request():
     assert len({pair[2] for pair in collected}) == 4  # every key occurred
 
 
-@pytest.mark.parametrize("sink_kind", ["direct", "remote, collected", "remote, parsed from the spool file"])
+@pytest.mark.parametrize("sink_kind", ["direct", "remote, collected", "remote, parsed by the worker"])
 def test_both_sinks_store_the_texts_before_the_rows(base_settings, warehouse, org, tmp_path, sink_kind):
     events = _events(org, 300, seed=len(sink_kind))
     collected: dict = {}
@@ -153,3 +154,21 @@ def test_a_text_outlives_its_requests_when_one_is_dated_after_2106(empty_db):
     where = compile_where(Filters(start=now - timedelta(days=1), end=now + timedelta(days=1)), TenantScope(org, "w1"))
     table = q.grouped(empty_db, where, "metadata", ["requests"], metadata_key="env", total=False)
     assert table.to_pylist() == [{"key": "prod", "requests": 1}]
+
+
+@pytest.mark.parametrize("sink_kind", ["direct", "remote"])
+def test_texts_parsed_from_rows_whose_bodies_span_lines(base_settings, warehouse, org, tmp_path, sink_kind):
+    """A row keeps a raw JSON body as sent, line breaks included (ClickHouse reads the row whole):
+    writers that did not collect the pairs must parse each row whole, not line by line."""
+    events = _events(org, 20, seed=3)
+    rows = [GENERATIONS.encode(json.dumps(ev, indent=2).encode()) for ev in events]
+    assert all(b"\n" in row for row in rows)
+    if sink_kind == "direct":
+        DirectSink(base_settings.warehouse_dsn)(GENERATIONS, rows)
+    else:
+        worker_end, owner_end = Pipe()
+        SinkServer(base_settings.warehouse_dsn, owner_end, "test").start()
+        RemoteSink(worker_end, tmp_path)(GENERATIONS, rows)
+        worker_end.close()
+    assert _stored_texts(warehouse, org) == _expected_texts(events)
+    assert _groups(warehouse, org, "w1", "env") == _expected_groups(events, "w1", "env")

@@ -172,3 +172,22 @@ def test_texts_parsed_from_rows_whose_bodies_span_lines(base_settings, warehouse
         worker_end.close()
     assert _stored_texts(warehouse, org) == _expected_texts(events)
     assert _groups(warehouse, org, "w1", "env") == _expected_groups(events, "w1", "env")
+
+
+def test_a_metadata_group_reads_only_the_texts_seen_since_its_window_started(base_settings, warehouse, org):
+    """A key with a value per request (an id) has as many texts as requests over the whole retention:
+    the group of one day must not aggregate a year of them (3× slower than the string scan it replaced
+    on 3M texts, and out of memory long before the scan of the day would be)."""
+    from warehouse.client import connect
+
+    def logs(start: datetime, n: int, prefix: str) -> list[dict]:
+        return [gateway_log(org, workspace="w1", created_at=start + timedelta(minutes=i),
+                            **{"metadata.key": ["rid"], "metadata.value": [f"{prefix}-{i}"]}) for i in range(n)]
+
+    events = logs(datetime(2025, 12, 1, tzinfo=UTC), 3000, "old") + logs(datetime(2026, 11, 20, tzinfo=UTC), 10, "new")
+    insert_rows(warehouse, GENERATIONS, [GENERATIONS.encode(orjson.dumps(ev)) for ev in events])
+    limited = connect(base_settings.warehouse_dsn, max_rows_to_group_by=1000, group_by_overflow_mode="throw")
+    where = compile_where(Filters(start=datetime(2026, 11, 20, tzinfo=UTC), end=datetime(2026, 11, 21, tzinfo=UTC)),
+                          TenantScope(org, "w1"))
+    table = q.grouped(limited, where, "metadata", ["requests"], metadata_key="rid", feedback=True, total=False)
+    assert sorted(r["key"] for r in table.to_pylist()) == sorted(f"new-{i}" for i in range(10))

@@ -36,7 +36,11 @@ def store_all_metadata_values(client: Client) -> None:
 
 def texts(one_workspace: bool) -> str:
     """A SELECT of (pair_hash, value): the texts of key ``{group_metadata_key:String}`` in
-    organisation ``{scope_org:String}`` (and workspace ``{scope_ws:String}``)."""
+    organisation ``{scope_org:String}`` (and workspace ``{scope_ws:String}``) that a request
+    since the window's start ``{t_start:DateTime64(3, 'UTC')}`` may carry: a pair's request of
+    the window was stored with a ``last_seen`` at or after its own time. Without that bound a
+    key with a value per request (an id) would aggregate every text of the retention."""
     workspace = " AND workspace_slug = {scope_ws:String}" if one_workspace else ""
     return ("SELECT pair_hash, any(value) AS value FROM metadata_values "
-            f"WHERE organisation_id = {{scope_org:String}}{workspace} AND key = {{group_metadata_key:String}} GROUP BY pair_hash")
+            f"WHERE organisation_id = {{scope_org:String}}{workspace} AND key = {{group_metadata_key:String}} "
+            "AND last_seen >= {t_start:DateTime64(3, 'UTC')} GROUP BY pair_hash")

@@ -517,16 +517,15 @@ class Codec:
             if seen is None or seen < created:
                 found[pair] = created
 
-    def metadata_values_of(self, rows) -> MetadataValues:
-        """The metadata pairs of encoded rows (lines; a spool file's chunks of lines too), for
-        writers that did not collect them while encoding: parses every row (~2 µs each)."""
+    def metadata_values_of(self, rows: list[bytes]) -> MetadataValues:
+        """The metadata pairs of encoded rows, for writers that did not collect them while
+        encoding: parses every row (~2 µs each), each whole, since a raw JSON body is kept
+        as sent and may span lines."""
         found: MetadataValues = {}
         if self._pair_at is None:
             return found
-        for chunk in rows:
-            for line in chunk.splitlines():
-                if line.strip():
-                    self._add_pairs(found, orjson.loads(line))
+        for row in rows:
+            self._add_pairs(found, orjson.loads(row))
         return found
 
     @staticmethod

@@ -145,6 +145,8 @@ class RemoteSink:
         self._count = itertools.count()
 
     def __call__(self, codec: Codec, rows: list[bytes], metadata_values: MetadataValues | None = None) -> None:
+        if metadata_values is None and codec.collects_metadata_values:
+            metadata_values = codec.metadata_values_of(rows)  # here: the spool file cannot be split into rows
         path = self.spool_dir / f"{os.getpid()}-{next(self._count)}.jsonl"
         try:
             with open(path, "wb") as spool:
@@ -186,9 +188,8 @@ class SinkServer:
                 return  # the worker process is gone
             try:
                 check_fault(self.fault_file)
-                if table == GENERATIONS.table:
-                    with open(path, "rb") as spooled:  # read only when the worker sent no pairs
-                        before_insert(client, GENERATIONS, spooled, metadata_values)
+                if table == GENERATIONS.table:  # the worker sends the batch's pairs (RemoteSink)
+                    store_metadata_values(client, metadata_values)
                 insert_file(client, table, columns, path)
                 with open(path, "rb") as spooled:
                     after_insert(client, table, columns, spooled)

@@ -158,7 +158,13 @@ def apply_retention(client: Client, days: int, table: str = "generations", layou
         return
     if has_ttl and wanted in str(ddl):
         return
+    ttl = f"toDateTime({column}) + {wanted}"
+    if table == "metadata_values":
+        # toDateTime() wraps around after 2106-02-07 (2150 → 2013, and so does adding days to it), where
+        # requests may be dated up to 2200: a text's last_seen, the latest of its requests', would then
+        # drop it before its requests of today. Its end is computed in DateTime64 and capped instead.
+        ttl = f"toDateTime(least({column} + {wanted}, toDateTime64('2106-02-07 06:28:15', 3, 'UTC')))"
     client.command(
-        f"ALTER TABLE {target}{layout.on_cluster} MODIFY TTL toDateTime({column}) + toIntervalDay({int(days)})",
+        f"ALTER TABLE {target}{layout.on_cluster} MODIFY TTL {ttl}",
         settings={"materialize_ttl_after_modify": 0},
     )

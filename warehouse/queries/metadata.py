@@ -38,8 +38,14 @@ def store_all_metadata_values(client: Client) -> None:
 def texts(one_workspace: bool, user: bool = False) -> str:
     """A SELECT of (hash, value): the texts of key ``{group_metadata_key:String}`` in organisation
     ``{scope_org:String}`` (and workspace ``{scope_ws:String}``) by their pair hash; with ``user``,
-    the texts of key ``_user`` by the hash of the value alone (``user_hash``, 0016)."""
+    the texts of key ``_user`` by the hash of the value alone (``user_hash``, 0016).
+
+    Only the texts that a request since the window's start ``{t_start:DateTime64(3, 'UTC')}``
+    may carry: a pair's request of the window was stored with a ``last_seen`` at or after its
+    own time. Without that bound a key with a value per request (an id) would aggregate
+    every text of the retention."""
     workspace = " AND workspace_slug = {scope_ws:String}" if one_workspace else ""
     key, hashed = ("'_user'", "cityHash64(value)") if user else ("{group_metadata_key:String}", "pair_hash")
     return (f"SELECT {hashed} AS hash, any(value) AS value FROM metadata_values "
-            f"WHERE organisation_id = {{scope_org:String}}{workspace} AND key = {key} GROUP BY hash")
+            f"WHERE organisation_id = {{scope_org:String}}{workspace} AND key = {key} "
+            "AND last_seen >= {t_start:DateTime64(3, 'UTC')} GROUP BY hash")

@@ -69,7 +69,7 @@ START_MS = 1792627200000  # 2026-10-22T00:00:00Z: 30 days up to the end of 2026-
 DAYS = 30
 WINDOW = {"time_of_generation_min": "2026-10-22T00:00:00+00:00", "time_of_generation_max": "2026-11-20T23:59:59.999+00:00"}
 CHUNK = 1_000_000
-INGEST_CHUNK = 40_000  # the newest CHUNK rows arrive in inserts of ingest's default batch size
+INGEST_CHUNK = 40_000  # the newest CHUNK rows arrive in inserts of ingest's batch size (its default until 0023; 30,000 since)
 # "now" for the settle pass: 2026-11-21 00:30 UTC. The last day ended 30 minutes ago, inside
 # the 1-hour grace, so it stays as ingest and background merges left it (several parts,
 # deduplicated at read time); every earlier day is settled, as `tollgate up` would have done.

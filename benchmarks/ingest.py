@@ -1,6 +1,6 @@
 """End-to-end ingest rate vs the raw kafka-python consume rate, in one run.
 
-    .venv/bin/python benchmarks/ingest.py [--events 1000000] [--partitions 3] [--batch-size 40000]
+    .venv/bin/python benchmarks/ingest.py [--events 1000000] [--partitions 3] [--batch-size 30000]
         [--timing live|random]
 
 1. Starts the embedded broker and produces N gateway logs of ≈1.5 KB. By default their
@@ -152,7 +152,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--partitions", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=40_000)
+    ap.add_argument("--batch-size", type=int, default=30_000)
     ap.add_argument("--timing", choices=["live", "random"], default="live",
                     help="created_at of the events: a live stream in order (default) or random over 24 days")
     args = ap.parse_args()

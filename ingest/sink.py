@@ -86,7 +86,7 @@ def before_insert(client, codec: Codec, rows, metadata_values: MetadataValues | 
         return
     if metadata_values is None:
         metadata_values = codec.metadata_values_of(rows)
-    store_metadata_values(client, metadata_values)
+    store_metadata_values(client, metadata_values, settings=INSERT_SETTINGS)
 
 
 def after_insert(client, table: str, columns: list[str], rows) -> None:
@@ -189,7 +189,7 @@ class SinkServer:
             try:
                 check_fault(self.fault_file)
                 if table == GENERATIONS.table:  # the worker sends the batch's pairs (RemoteSink)
-                    store_metadata_values(client, metadata_values)
+                    store_metadata_values(client, metadata_values, settings=INSERT_SETTINGS)
                 insert_file(client, table, columns, path)
                 with open(path, "rb") as spooled:
                     after_insert(client, table, columns, spooled)

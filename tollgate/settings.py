@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     topic_partitions: int = Field(6, ge=1, description="Partitions for topics that Tollgate creates.")
 
     # -- ingest ------------------------------------------------------------
-    ingest_batch_size: int = Field(40_000, ge=1, description="Flush a batch at this many events ...")
+    ingest_batch_size: int = Field(30_000, ge=1, description="Flush a batch at this many events ...")
     ingest_batch_seconds: float = Field(1.0, gt=0, description="... or when the oldest event waited this long.")
     ingest_max_event_bytes: int = Field(1_048_576, ge=1024, description="Larger events are dead-lettered.")
     ingest_consumer_group: str = "tollgate-ingest"

@@ -86,7 +86,7 @@ def before_insert(client, codec: Codec, rows, metadata_values: MetadataValues | 
         return
     if metadata_values is None:
         metadata_values = codec.metadata_values_of(rows)
-    store_metadata_values(client, metadata_values, settings=INSERT_SETTINGS)
+    _store_texts(client, metadata_values)
 
 
 def after_insert(client, table: str, columns: list[str], rows) -> None:
@@ -104,6 +104,14 @@ def after_insert(client, table: str, columns: list[str], rows) -> None:
                 values = orjson.loads(row)
                 pairs.add((values[org], values[trace]))
     refresh_traces(client, pairs, settings=CLUSTER_READ if _quorum(client, table) else None)
+
+
+def _store_texts(client, metadata_values: MetadataValues) -> None:
+    """Cluster mode: on a majority of their shard's replicas before the batch is inserted, so that
+    a replica that has the rows is unlikely to lack their texts (reads are not sequentially
+    consistent: a lagging replica may still show a value empty, as it may lack rows)."""
+    quorum = CLUSTER_WRITE if layout(client).cluster is not None else {}
+    store_metadata_values(client, metadata_values, settings={**INSERT_SETTINGS, **quorum})
 
 
 def _quorum(client, table: str) -> bool:
@@ -189,7 +197,7 @@ class SinkServer:
             try:
                 check_fault(self.fault_file)
                 if table == GENERATIONS.table:  # the worker sends the batch's pairs (RemoteSink)
-                    store_metadata_values(client, metadata_values, settings=INSERT_SETTINGS)
+                    _store_texts(client, metadata_values)
                 insert_file(client, table, columns, path)
                 with open(path, "rb") as spooled:
                     after_insert(client, table, columns, spooled)

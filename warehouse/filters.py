@@ -61,6 +61,9 @@ class Where:
     # True when the condition itself keeps only requests whose trace has feedback (the
     # weighted-feedback filter): queries then need not test it again.
     only_traces_with_feedback: bool = False
+    # True when the condition is only the scope and the time window (t_start, t_end): what
+    # the daily totals (warehouse/queries/daily.py) can answer.
+    window_only: bool = False
 
     @property
     def one_workspace(self) -> bool:
@@ -143,7 +146,8 @@ def compile_where(f: Filters, scope: TenantScope) -> Where:
             f"({trace}) IN (SELECT {trace} FROM trace_feedback FINAL WHERE organisation_id = {{scope_org:String}}"
             f"{workspace} AND {' AND '.join(test)})"
         )
-    return Where(" AND ".join(f"({p})" for p in parts), params, only_traces_with_feedback=low is not None or high is not None)
+    return Where(" AND ".join(f"({p})" for p in parts), params, only_traces_with_feedback=low is not None or high is not None,
+                 window_only=len(parts) == 3)
 
 
 def ms_bounds(start: datetime, end: datetime) -> tuple[datetime, datetime]:

@@ -12,6 +12,10 @@ changes. `tollgate up` runs it every ``TOLLGATE_SETTLE_INTERVAL_SECONDS``; `toll
 settle` runs one pass (for a cron next to a ClickHouse server); `tollgate scheduler` runs it
 while it holds the scheduler lease.
 
+Each pass then stores the daily totals per workspace of every ended day that is one part
+(warehouse/queries/daily.py, migration 0024), which the workspace groups read instead of
+the day's requests for as long as that part is the day's only one.
+
 Cluster mode (docs/deploy.md): the parts are those of ``generations_local`` on every
 replica (``clusterAllReplicas``); a day is settled when it is one merged part on each of
 them, and the OPTIMIZE runs ``ON CLUSTER`` on the local tables.
@@ -27,6 +31,7 @@ from datetime import UTC, date, datetime, timedelta
 from clickhouse_connect.driver.client import Client
 
 from warehouse.cluster import Layout, layout
+from warehouse.queries.daily import prune, roll_up
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +61,13 @@ class Day:
     rows: int
 
 
+def _last_ended(now: datetime | None, grace: timedelta) -> date:
+    return ((now or datetime.now(UTC)) - grace).date() - timedelta(days=1)
+
+
 def unsettled(client: Client, now: datetime | None = None, grace: timedelta = timedelta(hours=1)) -> list[Day]:
     """Days that ended at least ``grace`` before ``now`` and are not one merged part, newest first."""
-    now = now or datetime.now(UTC)
-    last_ended = (now - grace).date() - timedelta(days=1)
+    last_ended = _last_ended(now, grace)
     where = layout(client)
     params = {"db": client.command("SELECT currentDatabase()"), "t": where.local("generations")}
     days = []
@@ -75,7 +83,10 @@ def unsettled(client: Client, now: datetime | None = None, grace: timedelta = ti
 
 def settle(client: Client, now: datetime | None = None, grace: timedelta = timedelta(hours=1),
            max_days: int | None = None) -> list[Day]:
-    """Merge each unsettled ended day into one part (newest first, at most ``max_days``); return them."""
+    """Merge each unsettled ended day into one part (newest first, at most ``max_days``); return them.
+
+    Then store the daily totals of each ended day that is one part without them
+    (warehouse/queries/daily.py; not in cluster mode), at most ``max_days`` of them too."""
     done = []
     where = layout(client)
     for day in unsettled(client, now, grace)[:max_days]:
@@ -84,4 +95,7 @@ def settle(client: Client, now: datetime | None = None, grace: timedelta = timed
                        f"PARTITION ID '{day.partition_id}' FINAL")
         log.info("settled %s: %d parts, %d rows → 1 part", day.day, day.parts, day.rows)
         done.append(day)
+    if not where.cluster:
+        roll_up(client, _last_ended(now, grace), max_days)
+        prune(client, now or datetime.now(UTC))
     return done

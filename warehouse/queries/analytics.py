@@ -140,6 +140,12 @@ def grouped(client: Client, where: Where, group: str, measures: list[str], metad
     With ``feedback``, also ``requests_with_feedback`` and the feedback sums
     (FEEDBACK_MEASURES) of each group's distinct traces, in the same scan: see
     :func:`_with_feedback`."""
+    from warehouse.queries import daily  # (it builds on this module's measures)
+
+    if daily.serves(where, group, measures, feedback):
+        table = daily.grouped_by_workspace(client, where, measures, total)
+        if table is not None:
+            return table
     params = dict(where.params)
     group, condition = _group_condition(group, where.sql, params, metadata_key)
     sets = "GROUPING SETS ((key), ())" if total else "key"

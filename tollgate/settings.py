@@ -52,6 +52,10 @@ class Settings(BaseSettings):
         300.0, ge=0, description="How often `tollgate up` merges each ended day of generations into one part; 0 = never."
     )
     settle_max_days: int = Field(31, ge=1, description="Most days one settle pass merges (newest first).")
+    uncompressed_cache_mb: int = Field(
+        512, ge=0, description="Embedded warehouse: memory for the decompressed column blocks analytics reads reuse "
+        "(ClickHouse's uncompressed cache); 0 = off. A ClickHouse server has its own (uncompressed_cache_size).",
+    )
     clickhouse_cluster: str | None = Field(
         None, description="Cluster mode: `tollgate migrate` creates replicated local tables and Distributed tables "
                           "ON CLUSTER this name (docs/deploy.md)."
@@ -147,9 +151,10 @@ class Settings(BaseSettings):
 
     @cached_property
     def warehouse_dsn(self) -> str:
-        if self.clickhouse_dsn:
-            return self.clickhouse_dsn
-        return f"chdb://{(self.data_dir / 'warehouse').resolve()}"
+        dsn = self.clickhouse_dsn or f"chdb://{(self.data_dir / 'warehouse').resolve()}"
+        if dsn.startswith("chdb:") and "?" not in dsn and self.uncompressed_cache_mb:
+            dsn += f"?uncompressed_cache_size={self.uncompressed_cache_mb * 2**20}"  # chdb's startup options
+        return dsn
 
     @property
     def is_embedded_warehouse(self) -> bool:

@@ -1,6 +1,8 @@
 """The only way Tollgate talks to ClickHouse: a clickhouse-connect client.
 
-``chdb://PATH`` runs the ClickHouse engine in-process (embedded default);
+``chdb://PATH`` runs the ClickHouse engine in-process (embedded default), with chdb's
+startup options after a ``?`` (``chdb://PATH?uncompressed_cache_size=536870912``: they
+apply to the process's one engine, so the first connect of a process sets them);
 ``http(s)://user:pass@host:port/db`` reaches a server. Every component that needs
 the warehouse calls :func:`connect` and gets its own client (its own chdb handle,
 so calls from different threads do not serialize on one lock).
@@ -40,8 +42,9 @@ class WarehouseUnavailable(RuntimeError):
 
 
 def chdb_path(dsn: str) -> str:
-    """``chdb:///abs/path`` or ``chdb://relative/path`` → filesystem path."""
+    """``chdb:///abs/path`` or ``chdb://relative/path`` (``?options`` aside) → filesystem path."""
     rest = dsn[len("chdb://"):] if dsn.startswith("chdb://") else dsn[len("chdb:"):]
+    rest = rest.split("?", 1)[0]
     return str(Path(rest).resolve())
 
 
@@ -51,8 +54,9 @@ def connect(dsn: str, database: str | None = None, **settings: Any) -> Client:
     if dsn.startswith("chdb:"):
         path = chdb_path(dsn)
         os.makedirs(path, exist_ok=True)
+        options = "?" + dsn.split("?", 1)[1] if "?" in dsn else ""
         try:
-            return clickhouse_connect.get_client(interface="chdb", path=path, database=database, settings=merged)
+            return clickhouse_connect.get_client(interface="chdb", path=path + options, database=database, settings=merged)
         except ProgrammingError as exc:
             raise WarehouseUnavailable(
                 f"cannot open the embedded warehouse at {path}: another process (a running `tollgate up`?) "

@@ -78,7 +78,7 @@ def roll_up(client: Client, last_day: date, max_days: int | None = None) -> list
             f"SELECT organisation_id, workspace_slug, {{day:Date}}, {{part:String}}, {{part_hash:String}}, {measures} "
             "FROM generations FINAL WHERE _part = {part:String} AND toDate32(created_at) = {day:Date} "
             "GROUP BY organisation_id, workspace_slug",
-            parameters=params, settings=FINAL_SETTINGS)
+            parameters=params, settings={**FINAL_SETTINGS, "use_uncompressed_cache": 0})  # read once: not cached
         client.command("INSERT INTO generations_days_parts (day, part, part_hash) "
                        "VALUES ({day:Date}, {part:String}, {part_hash:String})", parameters=params)
         log.info("totals of %s stored (part %s)", part.day, part.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -78,8 +79,22 @@ def test_the_export_bucket_is_created_by_a_one_shot_before_the_roles_that_write_
 
 def test_every_image_and_volume_is_declared():
     volumes = set(COMPOSE.get("volumes") or {})
+    configs = COMPOSE.get("configs") or {}
     for name, svc in SERVICES.items():
         assert svc.get("image") or svc.get("build"), name
         for mount in svc.get("volumes") or []:
             source = mount.split(":", 1)[0]
             assert source.startswith(("/", ".")) or source in volumes, f"{name}: volume {source} is not declared"
+        for config in svc.get("configs") or []:
+            assert config["source"] in configs, f"{name}: config {config['source']} is not declared"
+
+
+def test_the_clickhouse_server_has_the_uncompressed_cache_analytics_reads_use():
+    """Off in a server's defaults; analytics queries ask for it (use_uncompressed_cache)."""
+    from warehouse.queries.analytics import FINAL_SETTINGS
+
+    assert FINAL_SETTINGS["use_uncompressed_cache"] == 1
+    mounted = {c["source"]: c["target"] for c in SERVICES["clickhouse"]["configs"]}
+    assert mounted["clickhouse-cache"].startswith("/etc/clickhouse-server/config.d/")
+    size = re.search(r"<uncompressed_cache_size>(\d+)</uncompressed_cache_size>", COMPOSE["configs"]["clickhouse-cache"]["content"])
+    assert size and int(size.group(1)) >= 512 * 2**20

@@ -11,6 +11,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from tollgate.broker import free_port
 
@@ -223,3 +224,18 @@ def test_a_busy_port_is_an_error_line_and_up_keeps_no_unseen_admin_key(tmp_path,
                            "print(connect(sys.argv[1]).command('SELECT count() FROM api_keys'))",
                            f"chdb://{tmp_path / 'up' / 'warehouse'}"], capture_output=True, text=True, check=True)
     assert keys.stdout.strip() == "0"
+
+
+def test_the_embedded_warehouse_opens_with_the_uncompressed_cache(base_settings, warehouse, tmp_path):
+    """TOLLGATE_UNCOMPRESSED_CACHE_MB reaches chdb as a startup option of the DSN (the engine's default is 0,
+    off), and the DSN's options never become part of the data dir's path."""
+    from tollgate.settings import Settings
+    from warehouse.client import chdb_path
+
+    if not base_settings.is_embedded_warehouse:
+        pytest.skip("a ClickHouse server has its own uncompressed_cache_size")
+    size = warehouse.command("SELECT value FROM system.server_settings WHERE name = 'uncompressed_cache_size'")
+    assert int(size) == base_settings.uncompressed_cache_mb * 2**20 > 0
+    assert chdb_path(base_settings.warehouse_dsn) == str((base_settings.data_dir / "warehouse").resolve())
+    assert Settings(data_dir=tmp_path, uncompressed_cache_mb=0).warehouse_dsn == f"chdb://{(tmp_path / 'warehouse').resolve()}"
+    assert Settings(data_dir=tmp_path, uncompressed_cache_mb=64).warehouse_dsn.endswith(f"?uncompressed_cache_size={64 * 2**20}")

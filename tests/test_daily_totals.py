@@ -185,3 +185,45 @@ def test_workspace_groups_are_the_same_with_and_without_daily_totals(settings, p
     assert parts_with_totals() == 1
     assert _totals(warehouse, org)["2024-02-05"] == expected_totals["2024-02-05"] + 1
     assert not (failures := _mismatches(api, keys, events, org)), "\n".join(failures)
+
+
+def test_totals_of_a_gone_part_stay_a_minute_whatever_the_local_time_zone(warehouse, monkeypatch):
+    """prune() keeps a gone part's totals for RETIRED_FOR after it first saw the part gone, and
+    deletes them after: the retirement time it stores is the ``now`` it was given, also when the
+    process's local time zone is not UTC (east of UTC they went at the next pass; west, hours late)."""
+    import time
+    import uuid
+
+    from warehouse.queries.daily import prune
+
+    part, part_hash = f"gone_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    warehouse.command("INSERT INTO generations_days (organisation_id, workspace_slug, day, part, part_hash, requests) "
+                      "VALUES ('org-gone', 'default', '2001-01-01', {p:String}, {h:String}, 1)",
+                      parameters={"p": part, "h": part_hash})
+    warehouse.command("INSERT INTO generations_days_parts (day, part, part_hash) VALUES ('2001-01-01', {p:String}, {h:String})",
+                      parameters={"p": part, "h": part_hash})
+
+    def state() -> tuple[int, list]:
+        kept = int(warehouse.command("SELECT count() FROM generations_days WHERE part = {p:String}", parameters={"p": part}))
+        retired = [r[0] for r in warehouse.query("SELECT toString(retired_at) FROM generations_days_parts FINAL "
+                                                 "WHERE part = {p:String}", parameters={"p": part}).result_rows]
+        return kept, retired
+
+    now = datetime(2031, 3, 4, 12, 0, tzinfo=UTC)
+    for zone in ("Asia/Kolkata", "America/Los_Angeles"):
+        monkeypatch.setenv("TZ", zone)
+        time.tzset()
+        try:
+            prune(warehouse, now)  # the part is gone (never was a part of generations): retired now
+            assert state() == (1, ["2031-03-04 12:00:00.000"]), zone
+            prune(warehouse, now + timedelta(seconds=30))
+            assert state() == (1, ["2031-03-04 12:00:00.000"]), zone
+        finally:
+            monkeypatch.undo()
+            time.tzset()
+        if zone == "Asia/Kolkata":  # the same part again, retired afresh for the next zone
+            warehouse.command("DELETE FROM generations_days_parts WHERE part = {p:String}", parameters={"p": part})
+            warehouse.command("INSERT INTO generations_days_parts (day, part, part_hash) VALUES ('2001-01-01', {p:String}, "
+                              "{h:String})", parameters={"p": part, "h": part_hash})
+    prune(warehouse, now + timedelta(minutes=1, seconds=1))
+    assert state() == (0, [])

@@ -100,6 +100,11 @@ def _utc_naive(ts: datetime) -> datetime:
     return ts.astimezone(UTC).replace(tzinfo=None) if ts.tzinfo else ts
 
 
+def _utc_aware(ts: datetime) -> datetime:
+    """For client.insert(), which reads a naive datetime as the process's local time (not UTC)."""
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
 def prune(client: Client, now: datetime) -> int:
     """Retire the totals of parts that are gone (``now``), and delete those retired for
     RETIRED_FOR already; return how many parts' totals were deleted."""
@@ -107,8 +112,8 @@ def prune(client: Client, now: datetime) -> int:
     gone = [(day, part, part_hash, rolled_at, _utc_naive(retired_at))
             for day, part, part_hash, rolled_at, retired_at in client.query(_GONE).result_rows]
     epoch = datetime(1970, 1, 1)
-    fresh = [(day, part, part_hash, rolled_at, now) for day, part, part_hash, rolled_at, retired_at in gone
-             if retired_at <= epoch]
+    fresh = [(day, part, part_hash, _utc_aware(rolled_at), _utc_aware(now))
+             for day, part, part_hash, rolled_at, retired_at in gone if retired_at <= epoch]
     if fresh:
         client.insert("generations_days_parts", fresh, column_names=["day", "part", "part_hash", "rolled_at", "retired_at"])
     old = [(part, part_hash) for _, part, part_hash, _, retired_at in gone if epoch < retired_at <= now - RETIRED_FOR]

@@ -227,3 +227,41 @@ def test_totals_of_a_gone_part_stay_a_minute_whatever_the_local_time_zone(wareho
                               "{h:String})", parameters={"p": part, "h": part_hash})
     prune(warehouse, now + timedelta(minutes=1, seconds=1))
     assert state() == (0, [])
+
+
+@pytest.mark.usefixtures("workers")
+def test_a_late_event_between_the_look_at_the_parts_and_the_read_is_counted(settings, producer, api, warehouse, org,
+                                                                            make_key, monkeypatch):
+    """The query chooses the totalled days from system.parts, then reads: a late event stored on a
+    totalled day in between (a new part in its partition) is in the answer, as it is in an
+    answer read without totals at that moment."""
+    from warehouse.queries import daily
+
+    rng = random.Random(28)
+    key = make_key(org)
+    days = [datetime(2024, 3, d, tzinfo=UTC) for d in (11, 12)]
+    events = [e for day in days for e in _events(org, rng, 10, day)]
+    publish(producer, settings.topic_gateway_logs, events)
+    assert wait_until(lambda: count_generations(warehouse, org) == len(events), timeout=60)
+    settle(warehouse, now=datetime(2024, 3, 14, tzinfo=UTC))
+    assert set(_totals(warehouse, org)) == {"2024-03-11", "2024-03-12"}
+
+    late = _events(org, rng, 1, days[0])
+    looked = daily._sole_parts
+
+    def look_then_a_late_event(client):
+        parts = looked(client)
+        if late[0] not in events:
+            publish(producer, settings.topic_gateway_logs, late)
+            events.extend(late)
+            assert wait_until(lambda: count_generations(warehouse, org) == len(events), timeout=60)
+        return parts
+
+    monkeypatch.setattr(daily, "_sole_parts", look_then_a_late_event)
+    params = {"time_of_generation_min": "2024-03-11T00:00:00Z", "time_of_generation_max": "2024-03-12T23:59:59.999Z",
+              "columns": ADDITIVE, "include_total": "true"}
+    r = api.get("/v1/analytics/groups/workspaces", params=params, headers={"x-portkey-api-key": key})
+    assert r.status_code == 200, r.text
+    assert late[0] in events
+    expected = Reference(generations_frame(events, org), feedback_frame([], org)).compute("groups/workspaces", params)
+    assert without_float_noise(r.json()) == without_float_noise(expected)

@@ -142,7 +142,8 @@ def _whole_days(where: Where) -> tuple[date, date]:
 def grouped_by_workspace(client: Client, where: Where, measures: list[str], total: bool) -> pa.Table | None:
     """The workspace group of :func:`warehouse.queries.analytics.grouped` (``measures`` served:
     see :func:`serves`), each whole UTC day of the window with stored totals read from them,
-    the rest of the window from generations. None when no day of the window has totals."""
+    the rest of the window from generations. None when no day of the window has totals, or when
+    one of the days read from them was stored in again meanwhile."""
     if layout(client).cluster:
         return None  # the parts are the shards' (docs/deploy.md)
     first, last = _whole_days(where)
@@ -179,4 +180,10 @@ def grouped_by_workspace(client: Client, where: Where, measures: list[str], tota
                      f"AND ({' OR '.join(rest)}) GROUP BY key")
     sets = "GROUPING SETS ((key), ())" if total else "key"
     sql = f"SELECT key, {merged} FROM ({' UNION ALL '.join(parts)}) GROUP BY {sets}"
-    return client.query_arrow(sql, parameters=params, settings=FINAL_SETTINGS)
+    table = client.query_arrow(sql, parameters=params, settings=FINAL_SETTINGS)
+    # A late event stored in a totalled day between the look above and the read would be missing
+    # (the read takes that day from its totals alone): they are used only if each such day is
+    # still the same one part after the read, so it was when the read began (no part comes back).
+    if not set(days) <= {p for p, rolled in _sole_parts(client) if rolled}:
+        return None
+    return table

@@ -14,6 +14,7 @@ import contextlib
 import os
 import queue
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,17 @@ SESSION_SETTINGS: dict[str, Any] = {
     "distributed_foreground_insert": 1,
     "distributed_product_mode": "global",
 }
+
+
+def utc_naive(ts: datetime) -> datetime:
+    """``ts`` as naive UTC: what a bound ``{x:DateTime64(3, 'UTC')}`` parameter takes, as is."""
+    return ts.astimezone(UTC).replace(tzinfo=None) if ts.tzinfo else ts
+
+
+def utc_aware(ts: datetime) -> datetime:
+    """``ts`` (naive: UTC) as aware UTC: what ``client.insert()`` needs, since it reads a naive
+    datetime as the process's LOCAL time (a laptop at +05:30 would store 12:00 UTC as 06:30)."""
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
 
 
 class WarehouseUnavailable(RuntimeError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from warehouse.client import utc_naive
 from warehouse.queries.scope import TenantScope
 
 # (filter attribute, column) for the comma-list filters matched with IN.
@@ -156,10 +157,4 @@ def ms_bounds(start: datetime, end: datetime) -> tuple[datetime, datetime]:
     Stored times are whole milliseconds and such a parameter drops the digits past them: exact for
     the end (≤ …59.999400 ⇔ ≤ …59.999), but the start must round up (≥ …00.000400 ⇔ ≥ …00.001)."""
     start = start + timedelta(microseconds=-start.microsecond % 1000)
-    return _utc_naive(start), _utc_naive(end)
-
-
-def _utc_naive(ts: datetime) -> datetime:
-    from datetime import UTC
-
-    return ts.astimezone(UTC).replace(tzinfo=None)
+    return utc_naive(start), utc_naive(end)

@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, datetime, time, timedelta
 
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 
+from warehouse.client import utc_aware, utc_naive
 from warehouse.cluster import layout
 from warehouse.filters import Where
 from warehouse.queries.analytics import FINAL_SETTINGS, MEASURES
@@ -96,23 +97,14 @@ WHERE (part, part_hash) NOT IN (SELECT name, hash_of_all_files FROM system.parts
 """
 
 
-def _utc_naive(ts: datetime) -> datetime:
-    return ts.astimezone(UTC).replace(tzinfo=None) if ts.tzinfo else ts
-
-
-def _utc_aware(ts: datetime) -> datetime:
-    """For client.insert(), which reads a naive datetime as the process's local time (not UTC)."""
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
-
-
 def prune(client: Client, now: datetime) -> int:
     """Retire the totals of parts that are gone (``now``), and delete those retired for
     RETIRED_FOR already; return how many parts' totals were deleted."""
-    now = _utc_naive(now)
-    gone = [(day, part, part_hash, rolled_at, _utc_naive(retired_at))
+    now = utc_naive(now)
+    gone = [(day, part, part_hash, rolled_at, utc_naive(retired_at))
             for day, part, part_hash, rolled_at, retired_at in client.query(_GONE).result_rows]
     epoch = datetime(1970, 1, 1)
-    fresh = [(day, part, part_hash, _utc_aware(rolled_at), _utc_aware(now))
+    fresh = [(day, part, part_hash, utc_aware(rolled_at), utc_aware(now))
              for day, part, part_hash, rolled_at, retired_at in gone if retired_at <= epoch]
     if fresh:
         client.insert("generations_days_parts", fresh, column_names=["day", "part", "part_hash", "rolled_at", "retired_at"])

@@ -29,6 +29,7 @@ from typing import Any
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 
+from warehouse.client import utc_aware, utc_naive
 from warehouse.filters import Filters, Where, compile_where
 from warehouse.queries.scope import TenantScope
 
@@ -185,10 +186,10 @@ def _paged_where(client: Client, sel: Selection) -> Where | None:
         return None
     last = _key_at(client, where, sel.page.offset + sel.page.limit - 1)
     sql = where.sql + " AND ((created_at, id) >= ({k0_ts:DateTime64(3, 'UTC')}, {k0_id:String}))"
-    params = {**where.params, "k0_ts": _naive(first[0]), "k0_id": first[1]}
+    params = {**where.params, "k0_ts": utc_naive(first[0]), "k0_id": first[1]}
     if last is not None:
         sql += " AND ((created_at, id) <= ({k1_ts:DateTime64(3, 'UTC')}, {k1_id:String}))"
-        params.update(k1_ts=_naive(last[0]), k1_id=last[1])
+        params.update(k1_ts=utc_naive(last[0]), k1_id=last[1])
     return Where(sql, params)
 
 
@@ -207,9 +208,9 @@ def _histogram(client: Client, where: Where, lo: datetime, hi: datetime, width_m
         "SELECT toStartOfInterval(created_at, toIntervalMillisecond({h_width:UInt32})) AS b, count() "
         f"FROM generations WHERE {where.sql} AND created_at >= {{h_lo:DateTime64(3, 'UTC')}} "
         "AND created_at < {h_hi:DateTime64(3, 'UTC')} GROUP BY b ORDER BY b",
-        parameters={**where.params, "h_width": width_ms, "h_lo": _naive(lo), "h_hi": _naive(hi)},
+        parameters={**where.params, "h_width": width_ms, "h_lo": utc_naive(lo), "h_hi": utc_naive(hi)},
     ).result_rows
-    return [(_aware(b), int(n)) for b, n in rows]
+    return [(utc_aware(b), int(n)) for b, n in rows]
 
 
 def _buckets(client: Client, where: Where, lo: datetime, hi: datetime, budget_rows, level: int = 0
@@ -279,7 +280,7 @@ class Stream:
             "AND created_at >= {s_lo:DateTime64(3, 'UTC')} AND created_at < {s_hi:DateTime64(3, 'UTC')} "
             "ORDER BY created_at, id"
         )
-        params = {**self._where.params, "s_lo": _naive(lo), "s_hi": _naive(hi)}
+        params = {**self._where.params, "s_lo": utc_naive(lo), "s_hi": utc_naive(hi)}
         batches = []
         with self.client.query_arrow_stream(sql, parameters=params) as stream:
             for batch in stream:
@@ -339,14 +340,6 @@ def _plain(table: pa.Table) -> pa.Table:
     return table
 
 
-def _naive(ts: datetime) -> datetime:
-    return ts.astimezone(UTC).replace(tzinfo=None) if ts.tzinfo else ts
-
-
-def _aware(ts: datetime) -> datetime:
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
-
-
 # --------------------------------------------------------------------------- versions
 
 RANK = {"draft": 0, "in_progress": 1, "success": 2, "failed": 2, "stopped": 2}
@@ -403,7 +396,7 @@ def _job(values) -> JobRow:
     d["requested_data"] = tuple(d["requested_data"])
     for k in ("created_at", "updated_at", "started_at", "finished_at"):
         if d[k] is not None:
-            d[k] = _aware(d[k])
+            d[k] = utc_aware(d[k])
     return JobRow(**d)
 
 
@@ -487,7 +480,7 @@ def _schedule(values) -> ScheduleRow:
     d = dict(zip(SCHEDULE_COLUMNS, values))
     d["requested_data"] = tuple(d["requested_data"])
     for k in ("start_at", "created_at", "updated_at"):
-        d[k] = _aware(d[k])
+        d[k] = utc_aware(d[k])
     return ScheduleRow(**d)
 
 
@@ -561,7 +554,7 @@ def _run(values) -> RunRow:
     d = dict(zip(RUN_COLUMNS, values))
     for k in ("window_start", "window_end", "fire_time", "started_at", "finished_at"):
         if d[k] is not None:
-            d[k] = _aware(d[k])
+            d[k] = utc_aware(d[k])
     return RunRow(**d)
 
 
@@ -594,7 +587,7 @@ def last_fire_time(client: Client, organisation_id: str, schedule_id: str) -> da
         "AND schedule_id = {s:String} AND cause != 'backfill'",
         parameters={"o": organisation_id, "s": schedule_id},
     ).result_rows
-    return _aware(rows[0][0]) if rows and rows[0][1] else None
+    return utc_aware(rows[0][0]) if rows and rows[0][1] else None
 
 
 def runs_in_status(client: Client, status: str) -> list[RunRow]:

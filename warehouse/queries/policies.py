@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 
 from clickhouse_connect.driver.client import Client
 
+from warehouse.client import utc_aware
+
 KINDS = ("usage_limits", "rate_limits")
 
 COLUMNS = [
@@ -67,17 +69,9 @@ class PolicyRow:
             elif c == "group_by":
                 v = list(v)
             elif isinstance(v, datetime):
-                v = _naive(v)
+                v = utc_aware(v)
             out.append(v)
         return out
-
-
-def _naive(ts: datetime) -> datetime:
-    return ts.astimezone(UTC).replace(tzinfo=None) if ts.tzinfo else ts
-
-
-def _aware(ts: datetime) -> datetime:
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
 
 
 def _row(values) -> PolicyRow:
@@ -85,7 +79,7 @@ def _row(values) -> PolicyRow:
     d["conditions"] = tuple((c["key"], c["value"]) if isinstance(c, dict) else (c[0], c[1]) for c in d["conditions"])
     d["group_by"] = tuple(d["group_by"])
     for c in ("created_at", "updated_at", "baseline_at", "limits_at"):
-        d[c] = _aware(d[c])
+        d[c] = utc_aware(d[c])
     return PolicyRow(**d)
 
 
@@ -183,7 +177,7 @@ def history(client: Client, organisation_id: str, policy_id: str) -> list[Policy
 
 
 def insert_reset(client: Client, policy: PolicyRow, value_key: str, at: datetime, by: str) -> None:
-    client.insert("limit_resets", [[policy.id, value_key, _naive(at), policy.organisation_id, by]],
+    client.insert("limit_resets", [[policy.id, value_key, utc_aware(at), policy.organisation_id, by]],
                   column_names=["policy_id", "value_key", "reset_at", "organisation_id", "reset_by"])
 
 
@@ -196,4 +190,4 @@ def latest_resets(client: Client, policy_ids: list[str]) -> list[tuple[str, str,
         "GROUP BY policy_id, value_key",
         parameters={"ids": policy_ids},
     ).result_rows
-    return [(p, v, _aware(t)) for p, v, t in rows]
+    return [(p, v, utc_aware(t)) for p, v, t in rows]

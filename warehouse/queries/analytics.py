@@ -15,6 +15,7 @@ from __future__ import annotations
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 
+from warehouse.client import with_settings
 from warehouse.filters import Where
 from warehouse.queries.metadata import texts as metadata_texts
 
@@ -89,6 +90,11 @@ FINAL_SETTINGS = {
 }
 
 
+def read(client: Client, sql: str, params: dict) -> pa.Table:
+    """Run an analytics query (with FINAL_SETTINGS, in its text: see with_settings)."""
+    return client.query_arrow(with_settings(sql, FINAL_SETTINGS), parameters=params)
+
+
 def bucket_sql(column: str, granularity: str) -> str:
     """Bucket start, as epoch seconds of the wall clock at ``{tz_offset:Int32}``.
 
@@ -133,13 +139,13 @@ def series(client: Client, where: Where, measures: list[str], granularity: str, 
         f"FROM generations FINAL WHERE {where.sql} "
         "GROUP BY GROUPING SETS ((bucket), ())"
     )
-    return client.query_arrow(sql, parameters={**where.params, "tz_offset": tz_offset}, settings=FINAL_SETTINGS)
+    return read(client, sql, {**where.params, "tz_offset": tz_offset})
 
 
 def totals(client: Client, where: Where, measures: list[str]) -> pa.Table:
     """One row: the measures over the whole selection."""
     sql = f"SELECT {_select(measures)} FROM generations FINAL WHERE {where.sql}"
-    return client.query_arrow(sql, parameters=where.params, settings=FINAL_SETTINGS)
+    return read(client, sql, where.params)
 
 
 def grouped(client: Client, where: Where, group: str, measures: list[str], metadata_key: str | None = None,
@@ -170,7 +176,7 @@ def grouped(client: Client, where: Where, group: str, measures: list[str], metad
         # first) would show as an empty value rather than vanish from the counts.
         texts = metadata_texts(where.one_workspace, user=group == "user")
         sql = f"SELECT v.value AS key, g.* EXCEPT (key) FROM ({sql}) AS g LEFT JOIN ({texts}) AS v ON v.hash = g.key"
-    return client.query_arrow(sql, parameters=params, settings=FINAL_SETTINGS)
+    return read(client, sql, params)
 
 
 # Feedback joins its trace's requests on the 64-bit hash of trace_id, materialized in
@@ -269,7 +275,7 @@ def feedback_series(client: Client, where: Where, granularity: str, tz_offset: i
         f"FROM ({_per_trace(where)}) AS f INNER JOIN ({_traces(where, attributes=('first_at',))}) AS t ON {_on_trace(where)} "
         "GROUP BY GROUPING SETS ((bucket), ())"
     )
-    return client.query_arrow(sql, parameters={**where.params, "tz_offset": tz_offset}, settings=FINAL_SETTINGS)
+    return read(client, sql, {**where.params, "tz_offset": tz_offset})
 
 
 def feedback_by(client: Client, where: Where, by: str) -> pa.Table:
@@ -285,7 +291,7 @@ def feedback_by(client: Client, where: Where, by: str) -> pa.Table:
         )
     else:
         sql = f"SELECT t.model AS key, {FEEDBACK_MEASURES} {joined} GROUP BY GROUPING SETS ((key), ())"
-    return client.query_arrow(sql, parameters=where.params, settings=FINAL_SETTINGS)
+    return read(client, sql, where.params)
 
 
 def _with_feedback(where: Where, select: str, condition: str, group_by: str, measures: list[str]) -> str:

@@ -21,7 +21,7 @@ from clickhouse_connect.driver.client import Client
 from warehouse.client import utc_aware, utc_naive
 from warehouse.cluster import layout
 from warehouse.filters import Where
-from warehouse.queries.analytics import FINAL_SETTINGS, MEASURES
+from warehouse.queries.analytics import FINAL_SETTINGS, MEASURES, read
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def grouped_by_workspace(client: Client, where: Where, measures: list[str], tota
                      f"AND ({' OR '.join(rest)}) GROUP BY key")
     sets = "GROUPING SETS ((key), ())" if total else "key"
     sql = f"SELECT key, {merged} FROM ({' UNION ALL '.join(parts)}) GROUP BY {sets}"
-    table = client.query_arrow(sql, parameters=params, settings=FINAL_SETTINGS)
+    table = read(client, sql, params)
     # A late event stored in a totalled day between the look above and the read would be missing
     # (the read takes that day from its totals alone): they are used only if each such day is
     # still the same one part after the read, so it was when the read began (no part comes back).

@@ -37,6 +37,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 
+from warehouse.client import with_settings
 from warehouse.cluster import layout
 
 # Condition and group_by keys → their expression over `generations` (metadata keys: see _dimension).
@@ -310,7 +311,7 @@ def usage(client: Client, slots: list[Slot], resets: list[Reset] = ()) -> pa.Tab
     if p.empty:
         return pa.table({"slot": pa.array([], pa.uint32()), "value_key": pa.array([], pa.string()),
                          "usage": pa.array([], pa.float64())})
-    return client.query_arrow(p.sql, parameters=p.params, settings=SETTINGS)
+    return client.query_arrow(with_settings(p.sql, SETTINGS), parameters=p.params)
 
 
 # --------------------------------------------------------------------------- the parts of `generations`

@@ -1,0 +1,74 @@
+"""Read queries carry their settings in their text (warehouse.client.with_settings).
+
+The settings change results (the NULL key of total rows, a measure named like a column,
+exact FINAL reads), so each must reach the engine for the whole query, subqueries and
+UNION branches included, and must not outlive the query on the shared client.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from warehouse.client import with_settings
+from warehouse.queries import limits
+from warehouse.queries.analytics import FINAL_SETTINGS, read
+
+
+def _seen(warehouse, sql_of) -> list[dict[str, str]]:
+    """Per result row: each FINAL_SETTINGS name → the value the engine reports inside a query built by ``sql_of``."""
+    names = list(FINAL_SETTINGS)
+    return read(warehouse, sql_of(", ".join(f"toString(getSetting('{n}')) AS {n}" for n in names)), {}).to_pylist()
+
+
+def _expected(settings: dict) -> dict[str, str]:
+    return {n: "true" if v == 1 and n not in NUMERIC else str(v) for n, v in settings.items()}
+
+
+# The FINAL_SETTINGS that are numbers rather than booleans (getSetting returns booleans as true/false).
+NUMERIC = {"merge_tree_max_rows_to_use_cache"}
+
+
+@pytest.mark.parametrize("shape", ["plain", "subquery", "union"])
+def test_analytics_settings_reach_every_part_of_the_query(warehouse, shape):
+    sql_of = {
+        "plain": lambda cols: f"SELECT {cols}",
+        "subquery": lambda cols: f"SELECT * FROM (SELECT {cols})",
+        "union": lambda cols: f"SELECT {cols} UNION ALL SELECT {cols}",
+    }[shape]
+    seen = _seen(warehouse, sql_of)
+    assert seen == [_expected(FINAL_SETTINGS)] * (2 if shape == "union" else 1)
+
+
+def test_settings_do_not_outlive_their_query(warehouse):
+    read(warehouse, "SELECT 1", {})
+    after = warehouse.query("SELECT toString(getSetting('group_by_use_nulls')), toString(getSetting('prefer_column_name_to_alias'))")
+    assert after.result_rows == [("false", "false")]
+
+
+def test_a_total_row_keeps_its_null_key(warehouse):
+    """group_by_use_nulls (FINAL_SETTINGS): without it the total row's key would be '' like a real one."""
+    table = read(warehouse, "SELECT toString(number % 2) AS key, count() AS n FROM numbers(5) GROUP BY GROUPING SETS ((key), ())", {})
+    assert sorted(table.to_pylist(), key=lambda r: (r["key"] is not None, r["key"] or "")) == [
+        {"key": None, "n": 5}, {"key": "0", "n": 3}, {"key": "1", "n": 2}]
+
+
+def test_limits_settings_are_in_the_text():
+    sql = with_settings("SELECT 1", limits.SETTINGS)
+    assert sql == "SELECT 1 SETTINGS " + ", ".join(f"{k} = {v}" for k, v in limits.SETTINGS.items())
+
+
+@pytest.mark.parametrize("settings", [
+    {"max_threads; DROP TABLE x": 1},
+    {"max_threads": "1; DROP TABLE x"},
+    {"max_threads": "'a'"},
+    {"max_threads": 1.5},
+    {"max_threads": True},
+    {"Max Threads": 1},
+])
+def test_anything_but_a_plain_setting_is_refused(settings):
+    with pytest.raises(ValueError, match="setting"):
+        with_settings("SELECT 1", settings)
+
+
+def test_no_settings_leave_the_query_as_is():
+    assert with_settings("SELECT 1", {}) == "SELECT 1"

@@ -330,8 +330,11 @@ ENDPOINTS = [Endpoint(r) for r in (
     Endpoint("groups/metadata/env", {"page_size": "1"}, "page-size-1"),
     Endpoint("groups/workspaces", {"columns": "requests,users,cache_hit_rate,requests_with_feedback",
                                    "include_total": "true"}, "users-total"),
+    # Every column with its total (the feedback scan that makes the total row from the group rows).
     Endpoint("groups/model", {"columns": "requests,cost,avg_cost,p50_latency,p90_latency,p99_latency,"
-                                         "avg_weighted_feedback,requests_with_feedback",
+                                         "avg_weighted_feedback,requests_with_feedback,tokens,prompt_tokens,"
+                                         "completion_tokens,avg_tokens,avg_latency,errors,error_rate,cache_hits,"
+                                         "cache_hit_rate,users,last_seen",
                               "include_total": "true"}, "money-latency-feedback"),
     Endpoint("groups/status_code", {"columns": "errors,error_rate,requests", "order_by": "status_code",
                                     "order_by_type": "asc"}, "by-key-asc"),

@@ -168,7 +168,7 @@ def grouped(client: Client, where: Where, group: str, measures: list[str], metad
     if not feedback:
         sql = f"SELECT {GROUP_KEYS[group]} AS key, {_select(measures)} FROM generations FINAL WHERE {condition} GROUP BY {sets}"
     else:
-        sql = _with_feedback(where, f"{GROUP_KEYS[group]} AS key, {_select(measures)}", condition, sets, measures)
+        sql = _with_feedback(where, GROUP_KEYS[group], condition, total, measures)
     if group in ("user", "metadata"):
         if total:
             raise ValueError(f"{group} groups have no total row")
@@ -294,19 +294,48 @@ def feedback_by(client: Client, where: Where, by: str) -> pa.Table:
     return read(client, sql, where.params)
 
 
-def _with_feedback(where: Where, select: str, condition: str, group_by: str, measures: list[str]) -> str:
+# With a total row, the feedback scan groups by key only, and the total row is made from the
+# group rows (GROUPING SETS over them, below): name → (the scan's aggregate, its merge over
+# group rows). A measure not named here is a count or a sum, merged by sum(); last_seen by
+# max(). The exact percentiles are carried as their state (every value) and merged; the
+# distinct users as each group's array of distinct user hashes, whose union is counted.
+_TOTAL_FROM_GROUPS: dict[str, tuple[str, str]] = {
+    "latency_q": ("quantilesExactState(0.5, 0.9, 0.99)(response_time)", "quantilesExactMerge(0.5, 0.9, 0.99)(latency_q)"),
+    "users": ("arrayDistinct(groupArrayIf(user_hash, user_hash != 0))", "toUInt64(arrayUniq(arrayFlatten(groupArray(users))))"),
+    "error_codes": (MEASURES["error_codes"], "sumMap(error_codes)"),
+    "retry_attempts": (MEASURES["retry_attempts"], "sumMap(retry_attempts)"),
+    "last_seen": (MEASURES["last_seen"], "max(last_seen)"),
+}
+
+
+def _scan_and_merge(measure: str) -> tuple[str, str]:
+    return _TOTAL_FROM_GROUPS.get(measure, (MEASURES[measure], f"sum({measure})"))
+
+
+def _with_feedback(where: Where, key: str, condition: str, total: bool, measures: list[str]) -> str:
     """A scan of generations per group that also carries, per group, its requests whose
     trace has feedback and the set of those traces; then each group's traces join their
     feedback (``trace_feedback``), so a trace counts once per group, and once in the total
     row however many groups it spans.
 
     The groups are still one row per key, the traces an array appended to only for requests
-    with feedback (docs/analytics.md has the figures against the alternatives)."""
+    with feedback (docs/analytics.md has the figures against the alternatives).
+
+    With ``total``, the scan groups by key only, and the total row comes from its group rows:
+    sums of their counts and sums, the latest of their last_seen, the merge of their percentile
+    states, the distinct users of the union of their distinct users, and the union of their
+    traces. A second grouping set in the scan did all the per-request work of the
+    aggregates a second time; distinct users per group are counted from an array of the
+    group's user hashes (one hash set at a time) rather than 40 hash sets at once."""
     trace = "trace_hash" if where.one_workspace else "(workspace_slug, trace_hash)"
-    scan = (
-        f"WITH {_has_feedback(where)} AS has_feedback SELECT {select}, countIf(has_feedback) AS requests_with_feedback, "
-        f"groupArrayIf({trace}, has_feedback) AS traces FROM generations FINAL WHERE {condition} GROUP BY {group_by}"
-    )
+    fb = f"countIf(has_feedback) AS requests_with_feedback, groupArrayIf({trace}, has_feedback) AS traces"
+    aggregates = ", ".join(f"{_scan_and_merge(m)[0]} AS {m}" for m in measures) if total else _select(measures)
+    scan = (f"WITH {_has_feedback(where)} AS has_feedback SELECT {key} AS key, {aggregates}, {fb} "
+            f"FROM generations FINAL WHERE {condition} GROUP BY key")
+    if total:
+        merged = ", ".join(f"{_scan_and_merge(m)[1]} AS {m}" for m in measures)
+        scan = (f"SELECT key, {merged}, sum(requests_with_feedback) AS requests_with_feedback, "
+                f"arrayFlatten(groupArray(traces)) AS traces FROM ({scan}) GROUP BY GROUPING SETS ((key), ())")
     on = "f.trace_hash = t" if where.one_workspace else "f.tws = t.1 AND f.trace_hash = t.2"
     carried = ", ".join(f"any(g.{m}) AS {m}" for m in [*measures, "requests_with_feedback"])
     # A group without traces keeps one row (LEFT ARRAY JOIN, t = 0 or ('', 0)), which joins no

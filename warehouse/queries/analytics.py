@@ -296,8 +296,7 @@ def feedback_by(client: Client, where: Where, by: str) -> pa.Table:
 
 # With a total row, the feedback scan groups by key only, and the total row is made from the
 # group rows (GROUPING SETS over them, below): name → (the scan's aggregate, its merge over
-# group rows). A measure not named here is a count or a sum, merged by sum(); last_seen by
-# max(). The exact percentiles are carried as their state (every value) and merged; the
+# group rows). The exact percentiles are carried as their state (every value) and merged; the
 # distinct users as each group's array of distinct user hashes, whose union is counted.
 _TOTAL_FROM_GROUPS: dict[str, tuple[str, str]] = {
     "latency_q": ("quantilesExactState(0.5, 0.9, 0.99)(response_time)", "quantilesExactMerge(0.5, 0.9, 0.99)(latency_q)"),
@@ -306,10 +305,13 @@ _TOTAL_FROM_GROUPS: dict[str, tuple[str, str]] = {
     "retry_attempts": (MEASURES["retry_attempts"], "sumMap(retry_attempts)"),
     "last_seen": (MEASURES["last_seen"], "max(last_seen)"),
 }
-
-
-def _scan_and_merge(measure: str) -> tuple[str, str]:
-    return _TOTAL_FROM_GROUPS.get(measure, (MEASURES[measure], f"sum({measure})"))
+# Every other measure is a count or a sum, merged by sum(). Checked here, at import, so that a
+# new measure of another kind fails every test until it is given its merge above.
+for _name, _expr in MEASURES.items():
+    if _name not in _TOTAL_FROM_GROUPS:
+        if not _expr.startswith(("count(", "countIf(", "sum(", "sumIf(")):
+            raise ValueError(f"measure {_name} ({_expr}) needs its merge in _TOTAL_FROM_GROUPS")
+        _TOTAL_FROM_GROUPS[_name] = (_expr, f"sum({_name})")
 
 
 def _with_feedback(where: Where, key: str, condition: str, total: bool, measures: list[str]) -> str:
@@ -329,11 +331,11 @@ def _with_feedback(where: Where, key: str, condition: str, total: bool, measures
     group's user hashes (one hash set at a time) rather than 40 hash sets at once."""
     trace = "trace_hash" if where.one_workspace else "(workspace_slug, trace_hash)"
     fb = f"countIf(has_feedback) AS requests_with_feedback, groupArrayIf({trace}, has_feedback) AS traces"
-    aggregates = ", ".join(f"{_scan_and_merge(m)[0]} AS {m}" for m in measures) if total else _select(measures)
+    aggregates = ", ".join(f"{_TOTAL_FROM_GROUPS[m][0]} AS {m}" for m in measures) if total else _select(measures)
     scan = (f"WITH {_has_feedback(where)} AS has_feedback SELECT {key} AS key, {aggregates}, {fb} "
             f"FROM generations FINAL WHERE {condition} GROUP BY key")
     if total:
-        merged = ", ".join(f"{_scan_and_merge(m)[1]} AS {m}" for m in measures)
+        merged = ", ".join(f"{_TOTAL_FROM_GROUPS[m][1]} AS {m}" for m in measures)
         scan = (f"SELECT key, {merged}, sum(requests_with_feedback) AS requests_with_feedback, "
                 f"arrayFlatten(groupArray(traces)) AS traces FROM ({scan}) GROUP BY GROUPING SETS ((key), ())")
     on = "f.trace_hash = t" if where.one_workspace else "f.tws = t.1 AND f.trace_hash = t.2"

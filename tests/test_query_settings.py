@@ -7,6 +7,8 @@ UNION branches included, and must not outlive the query on the shared client.
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from warehouse.client import with_settings
@@ -21,7 +23,7 @@ def _seen(warehouse, sql_of) -> list[dict[str, str]]:
 
 
 def _expected(settings: dict) -> dict[str, str]:
-    return {n: "true" if v == 1 and n not in NUMERIC else str(v) for n, v in settings.items()}
+    return {n: str(v) if n in NUMERIC else {1: "true", 0: "false"}[v] for n, v in settings.items()}
 
 
 # The FINAL_SETTINGS that are numbers rather than booleans (getSetting returns booleans as true/false).
@@ -50,6 +52,30 @@ def test_a_total_row_keeps_its_null_key(warehouse):
     table = read(warehouse, "SELECT toString(number % 2) AS key, count() AS n FROM numbers(5) GROUP BY GROUPING SETS ((key), ())", {})
     assert sorted(table.to_pylist(), key=lambda r: (r["key"] is not None, r["key"] or "")) == [
         {"key": None, "n": 5}, {"key": "0", "n": 3}, {"key": "1", "n": 2}]
+
+
+def _plan(warehouse, table: str, settings: dict) -> str:
+    sql = (f"EXPLAIN PLAN actions = 1 SELECT count() FROM {table} FINAL WHERE organisation_id = 'o' "
+           "AND workspace_slug = 'w' AND created_at >= toDateTime64('2026-01-01 00:00:00', 3, 'UTC')")
+    return "\n".join(row[0] for row in warehouse.query(with_settings(sql, settings)).result_rows)
+
+
+def test_final_reads_have_no_prewhere_step(warehouse):
+    """optimize_move_to_prewhere_if_final = 0 (FINAL_SETTINGS): under FINAL such a step holds only the
+    scope's sorting-key conditions, which the primary key has already applied; each row would be
+    tested twice. The same read with the setting on does get the step, so the plan shows it.
+    (A table shaped like generations, with a row: an empty table's read is planned as nothing.)"""
+    table = f"prewhere_{uuid.uuid4().hex[:8]}"
+    warehouse.command(f"CREATE TABLE {table} (organisation_id LowCardinality(String), workspace_slug LowCardinality(String), "
+                      "created_at DateTime64(3, 'UTC'), id String, cost Float64) "
+                      "ENGINE = ReplacingMergeTree PARTITION BY toDate(created_at) ORDER BY (organisation_id, workspace_slug, created_at, id)")
+    try:
+        warehouse.command(f"INSERT INTO {table} VALUES ('o', 'w', '2026-06-01 00:00:00', 'a', 1)")
+        without = _plan(warehouse, table, FINAL_SETTINGS)
+        assert "organisation_id" in without and "Prewhere" not in without
+        assert "Prewhere" in _plan(warehouse, table, {**FINAL_SETTINGS, "optimize_move_to_prewhere_if_final": 1})
+    finally:
+        warehouse.command(f"DROP TABLE IF EXISTS {table}")
 
 
 def test_limits_settings_are_in_the_text():

@@ -71,10 +71,14 @@ FINAL_SETTINGS = {
     "group_by_use_nulls": 1,
     # A measure named like a column (`cost`) must not capture that column in WHERE.
     "prefer_column_name_to_alias": 1,
-    # Filter before FINAL merges rows: exact here, because the rows that share an id
-    # in `generations` are identical (redeliveries), and `feedback` is only filtered
-    # by its sorting key (organisation_id).
-    "optimize_move_to_prewhere_if_final": 1,
+    # No PREWHERE step under FINAL. With it, ClickHouse moves only sorting-key conditions
+    # before the FINAL merge, and for these reads those are the scope (organisation,
+    # workspace, window): conditions whose granules the primary key has already chosen, so
+    # the step rejected almost nothing. Each row was tested twice, in PREWHERE and again in
+    # WHERE, and its columns were filtered once more. Without the step, every query of
+    # the benchmark is 3–12 % faster (docs/analytics.md, "Measured on 2026-11-26 23:50").
+    # Set explicitly, because a server profile may enable it.
+    "optimize_move_to_prewhere_if_final": 0,
     # toStartOfHour(DateTime64) is a DateTime64, toMonday(DateTime64) a Date32 (see bucket_sql).
     "enable_extended_results_for_datetime_functions": 1,
     # Decompressed column blocks are kept for the next reads (the server's uncompressed cache:

@@ -305,10 +305,12 @@ class Stream:
 # LowCardinality columns come as Arrow dictionaries (cheaper for ClickHouse to write, and
 # what Parquet stores anyway); no LZ4 on the Arrow stream (ClickHouse's default: compressing
 # bytes that only cross into this process costs more than it saves); the native Arrow writer.
-# As analytics reads (warehouse/queries/analytics.py FINAL_SETTINGS), and exact for the same
-# reasons: duplicates share the sorting key, so FINAL need not merge across partitions (a
-# settled day is one part and is read without merging); and rows sharing an id are identical
-# redeliveries, so filtering before FINAL merges them changes nothing.
+# Exact for the reasons analytics reads give (warehouse/queries/analytics.py FINAL_SETTINGS):
+# duplicates share the sorting key, so FINAL need not merge across partitions (a settled day
+# is one part and is read without merging); and rows sharing an id are identical
+# redeliveries, so filtering before FINAL merges them changes nothing. (Analytics no longer
+# moves conditions before FINAL: there they were only the scope, already applied by the
+# primary key. Not re-measured for exports.)
 DATA_CLIENT_SETTINGS = {
     "output_format_arrow_low_cardinality_as_dictionary": 1,
     "output_format_arrow_compression_method": "none",

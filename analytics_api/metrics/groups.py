@@ -6,9 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import polars as pl
+import polars.selectors as cs
 import pyarrow as pa
 
-from analytics_api.metrics.shape import fill_zeros, iround, ratio, split_total
+from analytics_api.metrics.shape import iround, ratio, zero_row
 
 col = pl.col
 HITS = col("simple_hits") + col("semantic_hits")
@@ -19,10 +20,12 @@ def decimals(expr: pl.Expr, places: int) -> pl.Expr:
 
     The scaled value is first rounded to 6 decimals: a sum of costs carries binary noise
     (0.00015·10⁴ is 1.4999999999999998), which would otherwise round a decimal half down.
-    All in floats, so that no huge value overflows an integer cast."""
+    All in floats, so that no huge value overflows an integer cast. (Polars' own
+    half-away-from-zero rounding: the same values as floor(|x| + 0.5)·sign(x) after the
+    6-decimal rounding, in half the expression nodes: 1 ms of the all-columns group's 3.)"""
     scaled = (expr.cast(pl.Float64) * 10**places).round(6)
     # The final round() removes the noise of Polars dividing by multiplying with 1/scale.
-    rounded = (((scaled.abs() + 0.5).floor() * scaled.sign()) / 10**places).round(places)
+    rounded = (scaled.round(0, mode="half_away_from_zero") / 10**places).round(places)
     return pl.when(rounded == 0).then(0.0).otherwise(rounded)  # never -0.0 (JSON `-0.0`)
 
 
@@ -92,28 +95,36 @@ def measures_for(columns: list[str]) -> list[str]:
     return list(dict.fromkeys(m for c in columns for m in COLUMNS[c].measures)) or ["requests"]
 
 
-def split(table: pa.Table) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(per-group rows, the one-row total; zeros if the query had none), absent values as 0."""
-    rows, total = split_total(table, "key")
-    return fill_zeros(rows), fill_zeros(total)
+_TOTAL = "__total_row"  # respond()'s marker of the total row (its NULL key), dropped before answering
 
 
-def respond(rows: pl.DataFrame, key_name: str, fields: dict[str, pl.Expr], page: Page,
-            summary: pl.DataFrame | None = None, formats: dict | None = None) -> dict:
-    # The total row is shaped in the same select as the group rows (one Polars select of up to
-    # 19 expressions instead of two: 4.3 -> 2.6 ms for the all-columns group). Every field is
-    # an expression of its own row's values, so stacking the rows changes no value.
-    frame = rows if summary is None else pl.concat([rows, summary])
-    shaped_all = frame.select(col("key").alias(key_name), *(e.alias(n) for n, e in fields.items()))
-    shaped = shaped_all.head(rows.height)
+def respond(table: pa.Table, key_name: str, fields: dict[str, pl.Expr], page: Page,
+            summary: bool = False, formats: dict | None = None) -> dict:
+    """The groups' page (and, with ``summary``, the total row's fields) of a grouped query's
+    result: its rows with a ``key``, and the total row (key NULL) if the query made one.
+
+    One pass: absent numbers become 0, every field is shaped in one Polars select over all
+    rows, total row included (each field is an expression of its own row's values), and
+    the total row is told apart by its NULL key afterwards (4.3 → 1.4 ms for the
+    all-columns group, against splitting and filling each part first). A total row the
+    server did not send is all zeros."""
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    frame = frame.with_columns((cs.numeric() - cs.by_name("key")).fill_null(0))
+    shape = [col("key").is_null().alias(_TOTAL), col("key").alias(key_name), *(e.alias(n) for n, e in fields.items())]
+    shaped = frame.select(shape)
+    rows = shaped.filter(~col(_TOTAL)).drop(_TOTAL)
     sort_cols = [page.order_by] if page.order_by == key_name else [page.order_by, key_name]
-    shaped = shaped.sort(sort_cols, descending=[page.descending, False][: len(sort_cols)], nulls_last=True)
-    start = min(page.current_page * page.page_size, shaped.height)  # past the end: an empty page
-    data = shaped.slice(start, page.page_size).with_columns(pl.lit("analytics-group").alias("object")).to_dicts()
+    rows = rows.sort(sort_cols, descending=[page.descending, False][: len(sort_cols)], nulls_last=True)
+    start = min(page.current_page * page.page_size, rows.height)  # past the end: an empty page
+    data = rows.slice(start, page.page_size).with_columns(pl.lit("analytics-group").alias("object")).to_dicts()
     for name, fmt in (formats or {}).items():
         for row in data:
             row[name] = fmt(row[name])
-    body: dict = {"object": "list", "total": shaped.height, "data": data}
-    if summary is not None:
-        body["summary"] = shaped_all.slice(rows.height, 1).drop(key_name).to_dicts()[0]
+    body: dict = {"object": "list", "total": rows.height, "data": data}
+    if summary:
+        total = shaped.filter(col(_TOTAL))
+        if total.height == 0:
+            total = zero_row(frame.schema).select(shape)
+        body["summary"] = total.head(1).drop(_TOTAL, key_name).to_dicts()[0]
     return body

@@ -111,8 +111,7 @@ def _requests_and_cost(request: Request, aq: AnalyticsQuery, group: str, key_nam
     page = _page(request, ["requests", "cost"], key_name, "requests")
     with request.app.state.warehouse.borrow() as client:
         table = q.grouped(client, aq.where, group, ["requests", "cost"], total=False)
-    rows, _ = groups.split(table)
-    return groups.respond(rows, key_name, groups.USERS_FIELDS, page, formats=groups.AS_STRINGS)
+    return groups.respond(table, key_name, groups.USERS_FIELDS, page, formats=groups.AS_STRINGS)
 
 
 @router.get("/groups/users", summary="requests and cost per user")
@@ -134,8 +133,7 @@ def group_metadata(metadataKey: str, request: Request, aq: AnalyticsQuery = Depe
     with request.app.state.warehouse.borrow() as client:
         table = q.grouped(client, aq.where, "metadata", ["requests", "cost", "tokens", "last_seen"],
                           metadata_key=metadataKey, feedback=True, total=False)
-    rows, _ = groups.split(table)
-    return groups.respond(rows, "metadata_value", groups.METADATA_FIELDS, page)
+    return groups.respond(table, "metadata_value", groups.METADATA_FIELDS, page)
 
 
 def _columns_group(request: Request, aq: AnalyticsQuery, group: str, key_name: str) -> dict:
@@ -149,9 +147,8 @@ def _columns_group(request: Request, aq: AnalyticsQuery, group: str, key_name: s
     wants_feedback = any(groups.COLUMNS[c].feedback for c in columns)
     with request.app.state.warehouse.borrow() as client:
         table = q.grouped(client, aq.where, group, measures, feedback=wants_feedback, total=include_total)
-    rows, total = groups.split(table)
     fields = {c: groups.COLUMNS[c].expr for c in columns}
-    return groups.respond(rows, key_name, fields, page, summary=total if include_total else None)
+    return groups.respond(table, key_name, fields, page, summary=include_total)
 
 
 @router.get("/groups/workspaces", summary="the chosen columns per workspace")

@@ -135,22 +135,25 @@ def test_workspace_groups_are_the_same_with_and_without_daily_totals(settings, p
     kept = warehouse.query(f"SELECT {columns} FROM generations_days FINAL WHERE organisation_id = {{o:String}} "
                            "AND day = '2024-02-06'", parameters={"o": org}).result_rows
     assert kept
-    index = columns.split(", ").index("requests")
-    warehouse.insert("generations_days", [r[:index] + (r[index] + 1000,) + r[index + 1:] for r in kept],
-                     column_names=columns.split(", "))
+    # cache_hits is read from the totals' simple_hits + semantic_hits (daily._DERIVED): inflated too.
+    names = columns.split(", ")
+    inflate = {names.index("requests"), names.index("simple_hits")}
+    warehouse.insert("generations_days", [tuple(v + 1000 if i in inflate else v for i, v in enumerate(r)) for r in kept],
+                     column_names=names)
 
-    def total_requests(window: str) -> int:
+    def total(window: str, column: str) -> int:
         start, end = WINDOWS[window]
         r = api.get("/v1/analytics/groups/workspaces", params={
-            "time_of_generation_min": start, "time_of_generation_max": end, "columns": "requests", "include_total": "true"},
+            "time_of_generation_min": start, "time_of_generation_max": end, "columns": column, "include_total": "true"},
             headers={"x-portkey-api-key": keys["org"]})
-        return r.json()["summary"]["requests"]
+        return r.json()["summary"][column]
 
     ref = Reference(generations_frame(events, org), feedback_frame([], org))
     for window, inflated in (("whole days", 1000 * len(kept)), ("+05:30", 1000 * len(kept)), ("inside one day", 0)):
         start, end = WINDOWS[window]
-        params = {"time_of_generation_min": start, "time_of_generation_max": end, "columns": "requests", "include_total": "true"}
-        assert total_requests(window) == ref.compute("groups/workspaces", params)["summary"]["requests"] + inflated, window
+        for column in ("requests", "cache_hits"):
+            params = {"time_of_generation_min": start, "time_of_generation_max": end, "columns": column, "include_total": "true"}
+            assert total(window, column) == ref.compute("groups/workspaces", params)["summary"][column] + inflated, (window, column)
     warehouse.insert("generations_days", kept, column_names=columns.split(", "))  # the true totals again
     assert not (failures := _mismatches(api, keys, events, org)), "\n".join(failures)
 

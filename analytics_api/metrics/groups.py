@@ -12,7 +12,6 @@ import pyarrow as pa
 from analytics_api.metrics.shape import iround, ratio, zero_row
 
 col = pl.col
-HITS = col("simple_hits") + col("semantic_hits")
 
 
 def decimals(expr: pl.Expr, places: int) -> pl.Expr:
@@ -60,8 +59,8 @@ COLUMNS: dict[str, Column] = {
     "p99_latency": Column(("latency_q",), latency(2)),
     "errors": Column(("errors",), col("errors").cast(pl.Int64)),
     "error_rate": Column(("requests", "errors"), decimals(ratio("errors", "requests", 100), 2)),
-    "cache_hits": Column(("simple_hits", "semantic_hits"), HITS.cast(pl.Int64)),
-    "cache_hit_rate": Column(("requests", "simple_hits", "semantic_hits"), decimals(ratio(HITS, col("requests"), 100), 2)),
+    "cache_hits": Column(("cache_hits",), col("cache_hits").cast(pl.Int64)),
+    "cache_hit_rate": Column(("requests", "cache_hits"), decimals(ratio("cache_hits", "requests", 100), 2)),
     "users": Column(("users",), col("users").cast(pl.Int64)),
     "last_seen": Column(("last_seen",), utc_text("last_seen")),
     "requests_with_feedback": Column((), col("requests_with_feedback").cast(pl.Int64), feedback=True),

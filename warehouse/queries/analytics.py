@@ -78,8 +78,8 @@ FINAL_SETTINGS = {
     # before the FINAL merge, and for these reads those are the scope (organisation,
     # workspace, window): conditions whose granules the primary key has already chosen, so
     # the step rejected almost nothing. Each row was tested twice, in PREWHERE and again in
-    # WHERE, and its columns were filtered once more. Without the step, every query of
-    # the benchmark is 3–12 % faster (docs/analytics.md, "Measured on 2026-11-26 23:50").
+    # WHERE, and its columns were filtered once more. Without the step the benchmark's
+    # median p50 is 8 % lower (docs/analytics.md, "Measured on 2026-11-26 23:30 – …").
     # Set explicitly, because a server profile may enable it.
     "optimize_move_to_prewhere_if_final": 0,
     # toStartOfHour(DateTime64) is a DateTime64, toMonday(DateTime64) a Date32 (see bucket_sql).

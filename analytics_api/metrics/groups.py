@@ -104,7 +104,7 @@ def respond(table: pa.Table, key_name: str, fields: dict[str, pl.Expr], page: Pa
 
     One pass: absent numbers become 0, every field is shaped in one Polars select over all
     rows, total row included (each field is an expression of its own row's values), and
-    the total row is told apart by its NULL key afterwards (4.3 → 1.4 ms for the
+    the total row is told apart by its NULL key afterwards (4.2 → 2.0 ms for the
     all-columns group, against splitting and filling each part first). A total row the
     server did not send is all zeros."""
     frame = pl.from_arrow(table)

@@ -14,6 +14,7 @@ import pytest
 from warehouse.client import with_settings
 from warehouse.queries import limits
 from warehouse.queries.analytics import FINAL_SETTINGS, read
+from warehouse.queries.exports import DATA_CLIENT_SETTINGS
 
 
 def _seen(warehouse, sql_of) -> list[dict[str, str]]:
@@ -60,20 +61,22 @@ def _plan(warehouse, table: str, settings: dict) -> str:
     return "\n".join(row[0] for row in warehouse.query(with_settings(sql, settings)).result_rows)
 
 
-def test_final_reads_have_no_prewhere_step(warehouse):
-    """optimize_move_to_prewhere_if_final = 0 (FINAL_SETTINGS): under FINAL such a step holds only the
-    scope's sorting-key conditions, which the primary key has already applied; each row would be
-    tested twice. The same read with the setting on does get the step, so the plan shows it.
-    (A table shaped like generations, with a row: an empty table's read is planned as nothing.)"""
+@pytest.mark.parametrize("settings", [FINAL_SETTINGS, limits.SETTINGS, DATA_CLIENT_SETTINGS], ids=["analytics", "limits", "exports"])
+def test_final_reads_have_no_prewhere_step(warehouse, settings):
+    """optimize_move_to_prewhere_if_final = 0 (warehouse/queries/final.py), in analytics, usage
+    limits and exports: under FINAL such a step holds only the scope's sorting-key conditions,
+    which the primary key has already applied; each row would be tested twice. The same read
+    with the setting on does get the step, so the plan shows it. (A table shaped like
+    generations, with a row: an empty table's read is planned as nothing.)"""
     table = f"prewhere_{uuid.uuid4().hex[:8]}"
     warehouse.command(f"CREATE TABLE {table} (organisation_id LowCardinality(String), workspace_slug LowCardinality(String), "
                       "created_at DateTime64(3, 'UTC'), id String, cost Float64) "
                       "ENGINE = ReplacingMergeTree PARTITION BY toDate(created_at) ORDER BY (organisation_id, workspace_slug, created_at, id)")
     try:
         warehouse.command(f"INSERT INTO {table} VALUES ('o', 'w', '2026-06-01 00:00:00', 'a', 1)")
-        without = _plan(warehouse, table, FINAL_SETTINGS)
+        without = _plan(warehouse, table, settings)
         assert "organisation_id" in without and "Prewhere" not in without
-        assert "Prewhere" in _plan(warehouse, table, {**FINAL_SETTINGS, "optimize_move_to_prewhere_if_final": 1})
+        assert "Prewhere" in _plan(warehouse, table, {**settings, "optimize_move_to_prewhere_if_final": 1})
     finally:
         warehouse.command(f"DROP TABLE IF EXISTS {table}")
 

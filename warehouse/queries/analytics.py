@@ -17,6 +17,7 @@ from clickhouse_connect.driver.client import Client
 
 from warehouse.client import with_settings
 from warehouse.filters import Where
+from warehouse.queries.final import FINAL_READ
 from warehouse.queries.metadata import texts as metadata_texts
 
 HITS = "('HIT', 'SEMANTIC HIT')"
@@ -69,19 +70,10 @@ GROUP_KEYS: dict[str, str] = {
 GRANULARITIES = ("minute", "hour", "day", "week", "month")
 
 FINAL_SETTINGS = {
-    # Duplicates share the whole sorting key, so they always sit in one partition.
-    "do_not_merge_across_partitions_select_final": 1,
+    **FINAL_READ,
     "group_by_use_nulls": 1,
     # A measure named like a column (`cost`) must not capture that column in WHERE.
     "prefer_column_name_to_alias": 1,
-    # No PREWHERE step under FINAL. With it, ClickHouse moves only sorting-key conditions
-    # before the FINAL merge, and for these reads those are the scope (organisation,
-    # workspace, window): conditions whose granules the primary key has already chosen, so
-    # the step rejected almost nothing. Each row was tested twice, in PREWHERE and again in
-    # WHERE, and its columns were filtered once more. Without the step the benchmark's
-    # median p50 is 8 % lower (docs/analytics.md, "Measured on 2026-11-26 23:30 – …").
-    # Set explicitly, because a server profile may enable it.
-    "optimize_move_to_prewhere_if_final": 0,
     # toStartOfHour(DateTime64) is a DateTime64, toMonday(DateTime64) a Date32 (see bucket_sql).
     "enable_extended_results_for_datetime_functions": 1,
     # Decompressed column blocks are kept for the next reads (the server's uncompressed cache:

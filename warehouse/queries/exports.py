@@ -31,6 +31,7 @@ from clickhouse_connect.driver.client import Client
 
 from warehouse.client import utc_aware, utc_naive
 from warehouse.filters import Filters, Where, compile_where
+from warehouse.queries.final import FINAL_READ
 from warehouse.queries.scope import TenantScope
 
 # --------------------------------------------------------------------------- columns
@@ -305,18 +306,12 @@ class Stream:
 # LowCardinality columns come as Arrow dictionaries (cheaper for ClickHouse to write, and
 # what Parquet stores anyway); no LZ4 on the Arrow stream (ClickHouse's default: compressing
 # bytes that only cross into this process costs more than it saves); the native Arrow writer.
-# Exact for the reasons analytics reads give (warehouse/queries/analytics.py FINAL_SETTINGS):
-# duplicates share the sorting key, so FINAL need not merge across partitions (a settled day
-# is one part and is read without merging); and rows sharing an id are identical
-# redeliveries, so filtering before FINAL merges them changes nothing. (Analytics no longer
-# moves conditions before FINAL: there they were only the scope, already applied by the
-# primary key. Not re-measured for exports.)
+# And FINAL read as analytics and usage limits read it (warehouse/queries/final.py).
 DATA_CLIENT_SETTINGS = {
     "output_format_arrow_low_cardinality_as_dictionary": 1,
     "output_format_arrow_compression_method": "none",
     "output_format_arrow_use_native_writer": 1,
-    "do_not_merge_across_partitions_select_final": 1,
-    "optimize_move_to_prewhere_if_final": 1,
+    **FINAL_READ,
 }
 
 

@@ -39,6 +39,7 @@ from clickhouse_connect.driver.client import Client
 
 from warehouse.client import with_settings
 from warehouse.cluster import layout
+from warehouse.queries.final import FINAL_READ
 
 # Condition and group_by keys → their expression over `generations` (metadata keys: see _dimension).
 DIMENSIONS: dict[str, str] = {
@@ -52,13 +53,7 @@ MEASURES = ("cost", "tokens", "requests")
 # A segment index beyond every real one: "this value key was reset after the slot ended".
 EXCLUDED = 4_294_967_295
 
-SETTINGS = {
-    # duplicates share the whole sorting key, so they always sit in one partition
-    "do_not_merge_across_partitions_select_final": 1,
-    # Analytics reads dropped this on 2026-11-26 (their PREWHERE step held only the scope, already
-    # applied by the primary key: analytics.FINAL_SETTINGS); not re-measured for the usage query.
-    "optimize_move_to_prewhere_if_final": 1,
-}
+SETTINGS = dict(FINAL_READ)  # warehouse/queries/final.py
 
 
 def is_dimension(key: str) -> bool:

@@ -6,7 +6,8 @@ ClickHouse (``warehouse.queries.analytics``) → Polars shaping (``metrics``).
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+import orjson
+from fastapi import APIRouter, Depends, Request, Response
 
 from analytics_api.metrics import graphs, groups
 from analytics_api.params import AnalyticsQuery, analytics_query, invalid, parse_list
@@ -24,14 +25,21 @@ GROUP_BY = ("ai_service", "model", "status_code", "api_key", "config", "workspac
 MAX_PAGE_SIZE = 1_000
 
 
+def _json(body: dict) -> Response:
+    """The body as JSON, written by orjson: FastAPI's own path (``jsonable_encoder``, then ``json.dumps``)
+    took 0.7 ms of the all-columns group's call, orjson 0.005. The bodies hold only str, int, float,
+    bool, None, lists and dicts with str keys (Polars' ``to_dicts`` of shaped frames)."""
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
 def _graph_route(name: str, graph: graphs.Graph):
-    def handler(request: Request, aq: AnalyticsQuery = Depends(graph_query)) -> dict:
+    def handler(request: Request, aq: AnalyticsQuery = Depends(graph_query)) -> Response:
         with request.app.state.warehouse.borrow() as client:
             if graph.feedback:
                 table = q.feedback_series(client, aq.where, aq.buckets.granularity, aq.buckets.offset_seconds)
             else:
                 table = q.series(client, aq.where, list(graph.measures), aq.buckets.granularity, aq.buckets.offset_seconds)
-        return graphs.graph_response(graph, aq.buckets, table)
+        return _json(graphs.graph_response(graph, aq.buckets, table))
 
     handler.__name__ = "graph_" + name.replace("/", "_").replace("-", "_")
     router.add_api_route(f"/graphs/{name}", handler, methods=["GET"], summary=f"{name} graph")
@@ -42,31 +50,31 @@ for _name, _graph in graphs.GRAPHS.items():
 
 
 @router.get("/graphs/errors/status-codes", summary="errors per status code")
-def errors_status_codes(request: Request, aq: AnalyticsQuery = Depends(window_query)) -> dict:
+def errors_status_codes(request: Request, aq: AnalyticsQuery = Depends(window_query)) -> Response:
     with request.app.state.warehouse.borrow() as client:
         table = q.totals(client, aq.where, list(graphs.STATUS_CODES_MEASURES))
-    return graphs.status_codes_response(table)
+    return _json(graphs.status_codes_response(table))
 
 
 @router.get("/graphs/feedbacks/scores", summary="feedback per score")
-def feedbacks_scores(request: Request, aq: AnalyticsQuery = Depends(window_query)) -> dict:
+def feedbacks_scores(request: Request, aq: AnalyticsQuery = Depends(window_query)) -> Response:
     with request.app.state.warehouse.borrow() as client:
         table = q.feedback_by(client, aq.where, "score")
-    return graphs.feedback_scores_response(table)
+    return _json(graphs.feedback_scores_response(table))
 
 
 @router.get("/graphs/feedbacks/ai-models", summary="feedback per model")
-def feedbacks_ai_models(request: Request, aq: AnalyticsQuery = Depends(window_query)) -> dict:
+def feedbacks_ai_models(request: Request, aq: AnalyticsQuery = Depends(window_query)) -> Response:
     with request.app.state.warehouse.borrow() as client:
         table = q.feedback_by(client, aq.where, "model")
-    return graphs.feedback_models_response(table)
+    return _json(graphs.feedback_models_response(table))
 
 
 @router.get("/summary/cache", summary="cache summary")
-def summary_cache(request: Request, aq: AnalyticsQuery = Depends(window_query)) -> dict:
+def summary_cache(request: Request, aq: AnalyticsQuery = Depends(window_query)) -> Response:
     with request.app.state.warehouse.borrow() as client:
         table = q.totals(client, aq.where, list(graphs.CACHE_SUMMARY_MEASURES))
-    return graphs.cache_summary_response(table)
+    return _json(graphs.cache_summary_response(table))
 
 
 # ---- groups -------------------------------------------------------------------
@@ -106,26 +114,26 @@ def _include_total(request: Request) -> bool:
     return raw in ("true", "1")
 
 
-def _requests_and_cost(request: Request, aq: AnalyticsQuery, group: str, key_name: str) -> dict:
+def _requests_and_cost(request: Request, aq: AnalyticsQuery, group: str, key_name: str) -> Response:
     """The spec's users and ai-models groups: requests and cost, as strings."""
     page = _page(request, ["requests", "cost"], key_name, "requests")
     with request.app.state.warehouse.borrow() as client:
         table = q.grouped(client, aq.where, group, ["requests", "cost"], total=False)
-    return groups.respond(table, key_name, groups.USERS_FIELDS, page, formats=groups.AS_STRINGS)
+    return _json(groups.respond(table, key_name, groups.USERS_FIELDS, page, formats=groups.AS_STRINGS))
 
 
 @router.get("/groups/users", summary="requests and cost per user")
-def group_users(request: Request, aq: AnalyticsQuery = Depends(window_query)) -> dict:
+def group_users(request: Request, aq: AnalyticsQuery = Depends(window_query)) -> Response:
     return _requests_and_cost(request, aq, "user", "user")
 
 
 @router.get("/groups/ai-models", summary="requests and cost per model")
-def group_ai_models(request: Request, aq: AnalyticsQuery = Depends(window_query)) -> dict:
+def group_ai_models(request: Request, aq: AnalyticsQuery = Depends(window_query)) -> Response:
     return _requests_and_cost(request, aq, "model", "ai_model")
 
 
 @router.get("/groups/metadata/{metadataKey:path}", summary="requests, cost, tokens and feedback per metadata value")
-def group_metadata(metadataKey: str, request: Request, aq: AnalyticsQuery = Depends(window_query)) -> dict:  # noqa: N803 (spec name)
+def group_metadata(metadataKey: str, request: Request, aq: AnalyticsQuery = Depends(window_query)) -> Response:  # noqa: N803 (spec name)
     if not metadataKey or len(metadataKey) > 256:
         raise invalid("metadataKey", "must be 1–256 characters", metadataKey[:300])
     fields = list(groups.METADATA_FIELDS)
@@ -133,10 +141,10 @@ def group_metadata(metadataKey: str, request: Request, aq: AnalyticsQuery = Depe
     with request.app.state.warehouse.borrow() as client:
         table = q.grouped(client, aq.where, "metadata", ["requests", "cost", "tokens", "last_seen"],
                           metadata_key=metadataKey, feedback=True, total=False)
-    return groups.respond(table, "metadata_value", groups.METADATA_FIELDS, page)
+    return _json(groups.respond(table, "metadata_value", groups.METADATA_FIELDS, page))
 
 
-def _columns_group(request: Request, aq: AnalyticsQuery, group: str, key_name: str) -> dict:
+def _columns_group(request: Request, aq: AnalyticsQuery, group: str, key_name: str) -> Response:
     columns = list(parse_list(request, "columns")) or list(groups.DEFAULT_COLUMNS)
     unknown = [c for c in columns if c not in groups.COLUMNS]
     if unknown:
@@ -148,16 +156,16 @@ def _columns_group(request: Request, aq: AnalyticsQuery, group: str, key_name: s
     with request.app.state.warehouse.borrow() as client:
         table = q.grouped(client, aq.where, group, measures, feedback=wants_feedback, total=include_total)
     fields = {c: groups.COLUMNS[c].expr for c in columns}
-    return groups.respond(table, key_name, fields, page, summary=include_total)
+    return _json(groups.respond(table, key_name, fields, page, summary=include_total))
 
 
 @router.get("/groups/workspaces", summary="the chosen columns per workspace")
-def group_workspaces(request: Request, aq: AnalyticsQuery = Depends(org_window_query)) -> dict:
+def group_workspaces(request: Request, aq: AnalyticsQuery = Depends(org_window_query)) -> Response:
     return _columns_group(request, aq, "workspace", "workspace_slug")
 
 
 @router.get("/groups/{group_by}", summary="the chosen columns per ai_service, model, status_code, api_key, config, workspace, provider or prompt")
-def group_by(group_by: str, request: Request, aq: AnalyticsQuery = Depends(group_by_query)) -> dict:
+def group_by(group_by: str, request: Request, aq: AnalyticsQuery = Depends(group_by_query)) -> Response:
     if group_by not in GROUP_BY:
         raise invalid("group_by", f"must be one of {', '.join(GROUP_BY)}", group_by)
     return _columns_group(request, aq, group_by, group_by)

@@ -368,6 +368,7 @@ def load(data_dir: Path, rows: int, layout: str) -> dict:
         client.command("TRUNCATE TABLE feedback")
         client.command("TRUNCATE TABLE trace_feedback")
         client.command("TRUNCATE TABLE metadata_values")
+        client.command("TRUNCATE TABLE feedback_generations")
     t0 = time.perf_counter()
     live = max(rows - CHUNK, 0)
     inserts = [(s, min(CHUNK, live - s)) for s in range(0, live, CHUNK)]

@@ -117,10 +117,10 @@ class IngestConsumer:
         """``write`` (one insert attempt, on the insert thread), timed and its failures counted."""
         seconds, errors = m.INGEST_INSERT_SECONDS.labels(self.topic), m.INGEST_INSERT_ERRORS.labels(self.topic)
 
-        def timed(codec, rows, metadata_values) -> None:
+        def timed(codec, rows, metadata_values, traces=None) -> None:
             started = time.monotonic()
             try:
-                write(codec, rows, metadata_values)
+                write(codec, rows, metadata_values, traces)
             except Exception:
                 errors.inc()
                 raise

@@ -471,6 +471,29 @@ _row_encoder = msgspec.json.Encoder()
 MetadataValues = dict[tuple[str, str, str, str], float]
 
 
+class BatchTraces:
+    """Of a batch of gateway logs, what the copy of its requests whose trace has feedback needs
+    (``feedback_generations``, 0025; ingest/sink.py): its organisations, its first and last
+    ``created_at`` (epoch milliseconds) and its non-empty trace ids."""
+
+    __slots__ = ("orgs", "first_ms", "last_ms", "trace_ids")
+
+    def __init__(self) -> None:
+        self.orgs: set[str] = set()
+        self.first_ms: int | None = None
+        self.last_ms: int | None = None
+        self.trace_ids: set[str] = set()
+
+    def add(self, org: str, created: float, trace_id: str) -> None:
+        if not trace_id:  # a feedback's trace id is never empty: such a request never has feedback
+            return
+        ms = round(created * 1000)
+        self.orgs.add(org)
+        self.trace_ids.add(trace_id)
+        self.first_ms = ms if self.first_ms is None else min(self.first_ms, ms)
+        self.last_ms = ms if self.last_ms is None else max(self.last_ms, ms)
+
+
 class Codec:
     """How one topic's events become rows of one table.
 
@@ -480,7 +503,8 @@ class Codec:
     value that cannot be encoded is an invalid event, never a failed batch.
 
     The codec of ``generations`` also collects, while encoding, the metadata pairs of its
-    rows, which the sink stores before the rows (ingest/sink.py).
+    rows, which the sink stores before the rows, and their traces (:class:`BatchTraces`),
+    whose requests with feedback the sink copies after them (ingest/sink.py).
     """
 
     def __init__(self, table: str, columns: list[str], decode: Callable[[bytes], tuple]):
@@ -489,13 +513,16 @@ class Codec:
         self.decode = decode
         self._pair_at = tuple(columns.index(c) for c in (
             "organisation_id", "workspace_slug", "metadata.key", "metadata.value", "created_at")) if table == "generations" else None
+        self._trace_at = tuple(columns.index(c) for c in (
+            "organisation_id", "created_at", "trace_id")) if table == "generations" else None
 
     @property
     def collects_metadata_values(self) -> bool:
         return self._pair_at is not None
 
-    def encode(self, value: bytes, metadata_values: MetadataValues | None = None) -> bytes:
-        """The event's row; its metadata pairs are added to ``metadata_values`` when given."""
+    def encode(self, value: bytes, metadata_values: MetadataValues | None = None, traces: BatchTraces | None = None) -> bytes:
+        """The event's row; its metadata pairs are added to ``metadata_values``, its trace to
+        ``traces``, when given."""
         row = self.decode(value)
         try:
             line = _row_encoder.encode(row)
@@ -503,7 +530,22 @@ class Codec:
             raise InvalidEvent(f"cannot store the event: {exc}") from None
         if metadata_values is not None and self._pair_at is not None:
             self._add_pairs(metadata_values, row)
+        if traces is not None and self._trace_at is not None:
+            self._add_trace(traces, row)
         return line
+
+    def _add_trace(self, traces: BatchTraces, row) -> None:
+        org_at, created_at, trace_at = self._trace_at
+        traces.add(row[org_at], row[created_at], row[trace_at])
+
+    def traces_of(self, rows) -> BatchTraces:
+        """The traces of encoded rows, for writers that did not collect them while encoding
+        (parses every row whole; see :meth:`metadata_values_of`)."""
+        traces = BatchTraces()
+        if self._trace_at is not None:
+            for row in rows:
+                self._add_trace(traces, orjson.loads(row))
+        return traces
 
     def _add_pairs(self, found: MetadataValues, row) -> None:
         org_at, ws_at, keys_at, values_at, created_at = self._pair_at

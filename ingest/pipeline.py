@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from ingest.dead_letter import DeadLetter, DeadLetterQueue
-from ingest.events import Codec, InvalidEvent, MetadataValues
+from ingest.events import BatchTraces, Codec, InvalidEvent, MetadataValues
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class Batch:
 
     rows: list[bytes] = field(default_factory=list)  # encoded rows (Codec.encode)
     metadata_values: MetadataValues = field(default_factory=dict)  # the rows' metadata pairs (gateway logs)
+    traces: BatchTraces = field(default_factory=BatchTraces)  # the rows' traces (gateway logs)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     offsets: dict[TopicPartition, int] = field(default_factory=dict)  # next offset to consume
     opened_at: float = field(default_factory=time.monotonic)
@@ -90,7 +91,8 @@ class Validate:
                 raise InvalidEvent("empty message (null value)")
             if len(value) > self.max_event_bytes:
                 raise InvalidEvent(f"oversized event: {len(value)} bytes > {self.max_event_bytes}")
-            row = self.codec.encode(value, self.next.open().metadata_values)
+            batch = self.next.open()
+            row = self.codec.encode(value, batch.metadata_values, batch.traces)
         except InvalidEvent as exc:
             self.next.add(message, dead_letter=self.dlq.send(message, exc.reason))
         except MemoryError:  # the process's trouble, not the event's: never dead-letter (and commit) a good event
@@ -199,7 +201,7 @@ class Insert:
     def __init__(
         self,
         codec: Codec,
-        write: Callable[[Codec, list[bytes], MetadataValues], None],
+        write: Callable[[Codec, list[bytes], MetadataValues, BatchTraces], None],
         dead_letters: DeadLetterQueue,
         next_step: "Commit",
         retry_max_seconds: float = 30.0,
@@ -230,7 +232,7 @@ class Insert:
         while True:
             try:
                 if pending_rows:
-                    self.write(self.codec, batch.rows, batch.metadata_values)
+                    self.write(self.codec, batch.rows, batch.metadata_values, batch.traces)
                     pending_rows = False  # acknowledged: never insert this batch again, even if DLQ retries below
                 self.dlq.confirm(batch.dead_letters)
                 break

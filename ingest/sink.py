@@ -5,8 +5,10 @@ uses a :class:`DirectSink`. The embedded engine (chdb) can be opened by one proc
 only; an ingest worker process then writes its batch to a spool file and asks that
 process over a pipe to insert it (:class:`RemoteSink` → :class:`SinkServer`), which
 runs ``INSERT … FROM INFILE`` and answers only after ClickHouse acknowledged.
-Either way the worker commits its offsets only after that answer, and for feedback only
-after the per-trace sums of the batch's traces were rewritten too (:func:`after_insert`).
+Either way the worker commits its offsets only after that answer, and only after what
+must follow the insert (:func:`after_insert`): for feedback, the per-trace sums of the
+batch's traces rewritten, and their requests copied into ``feedback_generations``; for
+gateway logs, the batch's requests whose trace has feedback copied there.
 A batch of gateway logs first stores the texts of its metadata pairs (:func:`before_insert`).
 (The spool file
 is what clickhouse-connect's chdb backend does for every insert anyway; writing it
@@ -27,10 +29,11 @@ from typing import Protocol
 import orjson
 from clickhouse_connect.driver.binding import quote_identifier
 
-from ingest.events import GENERATIONS, Codec, MetadataValues
+from ingest.events import GENERATIONS, BatchTraces, Codec, MetadataValues
 from warehouse.client import connect
 from warehouse.cluster import CLUSTER_READ, CLUSTER_WRITE, layout
 from warehouse.queries.feedback import refresh_traces
+from warehouse.queries.feedback_generations import copy_batch
 from warehouse.queries.metadata import store_metadata_values
 
 log = logging.getLogger(__name__)
@@ -51,7 +54,8 @@ INSERT_SETTINGS = {
 
 
 class Sink(Protocol):
-    def __call__(self, codec: Codec, rows: list[bytes], metadata_values: MetadataValues | None = None) -> None: ...
+    def __call__(self, codec: Codec, rows: list[bytes], metadata_values: MetadataValues | None = None,
+                 traces: BatchTraces | None = None) -> None: ...
 
 
 class InsertFailed(RuntimeError):
@@ -66,15 +70,18 @@ def check_fault(fault_file: Path | None) -> None:
         raise InsertFailed(f"warehouse outage injected: {fault_file} exists")
 
 
-def insert_rows(client, codec: Codec, rows: list[bytes], metadata_values: MetadataValues | None = None) -> None:
+def insert_rows(client, codec: Codec, rows: list[bytes], metadata_values: MetadataValues | None = None,
+                traces: BatchTraces | None = None) -> None:
     """One INSERT … FORMAT JSONCompactEachRow, streamed; ClickHouse parses the batch.
 
-    ``metadata_values``: the rows' metadata pairs as :meth:`Codec.encode` collected them;
-    when None they are parsed out of the rows."""
+    ``metadata_values`` and ``traces``: the rows' metadata pairs and traces as :meth:`Codec.encode`
+    collected them; when None they are parsed out of the rows."""
     before_insert(client, codec, rows, metadata_values)
     client.raw_insert(codec.table, column_names=codec.columns, insert_block=codec.chunks(rows),
                       fmt="JSONCompactEachRow", settings={**INSERT_SETTINGS, **(CLUSTER_WRITE if _quorum(client, codec.table) else {})})
-    after_insert(client, codec.table, codec.columns, rows)
+    if traces is None and codec.table == GENERATIONS.table:
+        traces = codec.traces_of(rows)
+    after_insert(client, codec.table, codec.columns, rows, traces)
 
 
 def before_insert(client, codec: Codec, rows, metadata_values: MetadataValues | None) -> None:
@@ -89,11 +96,17 @@ def before_insert(client, codec: Codec, rows, metadata_values: MetadataValues | 
     _store_texts(client, metadata_values)
 
 
-def after_insert(client, table: str, columns: list[str], rows) -> None:
+def after_insert(client, table: str, columns: list[str], rows, traces: BatchTraces | None = None) -> None:
     """What must follow an acknowledged insert before its offsets may be committed: for
     feedback, rewriting the per-trace sums of the batch's traces (``trace_feedback``,
-    migration 0022). A failure here fails the batch, which is inserted again (ClickHouse
-    keeps one version) and rewritten again."""
+    migration 0022), which also copies their requests into ``feedback_generations`` (0025);
+    for gateway logs, copying there the batch's requests whose trace has feedback (``traces``).
+    A failure here fails the batch, which is inserted again (ClickHouse keeps one version)
+    and rewritten or copied again."""
+    if table == GENERATIONS.table:
+        if traces is not None and traces.trace_ids:
+            copy_batch(client, traces.orgs, traces.first_ms, traces.last_ms, traces.trace_ids)
+        return
     if table != "feedback":
         return
     org, trace = columns.index("organisation_id"), columns.index("trace_id")
@@ -138,9 +151,10 @@ class DirectSink:
         self.client = connect(dsn)
         self.fault_file = fault_file
 
-    def __call__(self, codec: Codec, rows: list[bytes], metadata_values: MetadataValues | None = None) -> None:
+    def __call__(self, codec: Codec, rows: list[bytes], metadata_values: MetadataValues | None = None,
+                 traces: BatchTraces | None = None) -> None:
         check_fault(self.fault_file)
-        insert_rows(self.client, codec, rows, metadata_values)
+        insert_rows(self.client, codec, rows, metadata_values, traces)
 
 
 class RemoteSink:
@@ -152,15 +166,18 @@ class RemoteSink:
         self._lock = threading.Lock()  # the consumers of one process share the pipe
         self._count = itertools.count()
 
-    def __call__(self, codec: Codec, rows: list[bytes], metadata_values: MetadataValues | None = None) -> None:
+    def __call__(self, codec: Codec, rows: list[bytes], metadata_values: MetadataValues | None = None,
+                 traces: BatchTraces | None = None) -> None:
         if metadata_values is None and codec.collects_metadata_values:
             metadata_values = codec.metadata_values_of(rows)  # here: the spool file cannot be split into rows
+        if traces is None and codec.table == GENERATIONS.table:
+            traces = codec.traces_of(rows)
         path = self.spool_dir / f"{os.getpid()}-{next(self._count)}.jsonl"
         try:
             with open(path, "wb") as spool:
                 spool.writelines(codec.chunks(rows))
             with self._lock:
-                self.conn.send((codec.table, codec.columns, str(path), metadata_values))
+                self.conn.send((codec.table, codec.columns, str(path), metadata_values, traces))
                 status, detail = self.conn.recv()
         finally:
             path.unlink(missing_ok=True)
@@ -191,7 +208,7 @@ class SinkServer:
     def _loop(self, client) -> None:
         while True:
             try:
-                table, columns, path, metadata_values = self.conn.recv()
+                table, columns, path, metadata_values, traces = self.conn.recv()
             except (EOFError, OSError):
                 return  # the worker process is gone
             try:
@@ -200,7 +217,7 @@ class SinkServer:
                     _store_texts(client, metadata_values)
                 insert_file(client, table, columns, path)
                 with open(path, "rb") as spooled:
-                    after_insert(client, table, columns, spooled)
+                    after_insert(client, table, columns, spooled, traces)
                 answer = ("ok", None)
             except Exception as exc:  # the worker retries with back-off
                 log.warning("insert into %s for a worker failed: %s", table, exc)

@@ -451,7 +451,7 @@ def scratch_warehouse(base_settings, warehouse):
     warehouse.command(f"CREATE DATABASE {db}")
     client = connect(base_settings.warehouse_dsn, database=db)
     migrate(client)
-    _SCRATCH["write"] = lambda codec, rows, metadata_values=None: insert_rows(client, codec, rows, metadata_values)
+    _SCRATCH["write"] = lambda codec, rows, metadata_values=None, traces=None: insert_rows(client, codec, rows, metadata_values, traces)
     yield
     _SCRATCH.clear()
     warehouse.command(f"DROP DATABASE {db}")

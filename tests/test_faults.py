@@ -198,15 +198,15 @@ def test_partition_moved_mid_batch_is_reread_by_the_new_owner_and_counted_once(s
     stalled, release = threading.Event(), threading.Event()
     a_sink, b_sink = DirectSink(s.warehouse_dsn), DirectSink(s.warehouse_dsn)
 
-    def insert_then_stall(codec, rows, metadata_values):
-        a_sink(codec, rows, metadata_values)  # really inserted: ClickHouse acknowledged it
+    def insert_then_stall(codec, rows, metadata_values, traces=None):
+        a_sink(codec, rows, metadata_values, traces)  # really inserted: ClickHouse acknowledged it
         if not a_first:
             a_first.update(ids(rows))
             stalled.set()
             release.wait(60)  # ...but the consumer hears of it only much later
 
-    def insert_and_record(codec, rows, metadata_values):
-        b_sink(codec, rows, metadata_values)
+    def insert_and_record(codec, rows, metadata_values, traces=None):
+        b_sink(codec, rows, metadata_values, traces)
         b_inserted.update(ids(rows))
 
     def consumer(name: str, write, batch_size: int) -> IngestConsumer:

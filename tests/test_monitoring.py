@@ -85,9 +85,9 @@ def test_consumer_lag_grows_while_inserts_wait_and_drains_after(settings, broker
     def make_sink():
         real = DirectSink(settings.warehouse_dsn)
 
-        def write(codec, rows, metadata_values):
+        def write(codec, rows, metadata_values, traces=None):
             gate.wait(60)
-            real(codec, rows, metadata_values)
+            real(codec, rows, metadata_values, traces)
 
         return write
 

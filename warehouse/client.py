@@ -133,3 +133,18 @@ class ClientPool:
             yield client
         finally:
             self._idle.put(client)
+
+    @contextlib.contextmanager
+    def borrow_spare(self) -> Iterator[Client | None]:
+        """A second client for a query that can run beside the caller's own, if one is idle now;
+        None (never a wait) otherwise: two requests each waiting for a second client could wait
+        for each other."""
+        try:
+            client = self._idle.get_nowait()
+        except queue.Empty:
+            yield None
+            return
+        try:
+            yield client
+        finally:
+            self._idle.put(client)

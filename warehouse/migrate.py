@@ -4,7 +4,7 @@ Each applied file is recorded in ``schema_migrations`` with its SHA-256. Running
 twice is a no-op; an applied file whose text changed stops the run (write a new
 migration instead of editing an old one). After the files, the retention TTLs are
 set from settings (not files, so changing one needs no new migration): of
-``generations`` (and the metadata texts of 0023) from ``TOLLGATE_RETENTION_DAYS`` and of ``audit_logs`` from
+``generations`` (and the metadata texts of 0023, the requests with feedback of 0025) from ``TOLLGATE_RETENTION_DAYS`` and of ``audit_logs`` from
 ``TOLLGATE_AUDIT_RETENTION_DAYS``.
 
 With ``cluster`` (``TOLLGATE_CLICKHOUSE_CLUSTER``) every statement, the ledger's included,
@@ -114,6 +114,8 @@ def migrate(client: Client, retention_days: int | None = None, directory: Path =
         apply_retention(client, retention_days, layout=where)
         # the texts of metadata pairs (0023) go with the last request that carries them
         apply_retention(client, retention_days, table="metadata_values", layout=where)
+        # the copies of the requests whose trace has feedback (0025) go with the requests
+        apply_retention(client, retention_days, table="feedback_generations", layout=where)
     if audit_retention_days is not None:
         apply_retention(client, audit_retention_days, table="audit_logs", layout=where)
     return newly
@@ -136,7 +138,8 @@ def _resume_daily_rebuild(client: Client, run, layout: Layout) -> None:
 
 
 # table → its time column; the only tables a retention TTL is set on
-RETENTION_COLUMNS = {"generations": "created_at", "metadata_values": "last_seen", "audit_logs": "timestamp"}
+RETENTION_COLUMNS = {"generations": "created_at", "metadata_values": "last_seen", "audit_logs": "timestamp",
+                     "feedback_generations": "created_at"}
 
 
 def apply_retention(client: Client, days: int, table: str = "generations", layout: Layout = Layout()) -> None:

@@ -12,7 +12,8 @@ changes. `tollgate up` runs it every ``TOLLGATE_SETTLE_INTERVAL_SECONDS``; `toll
 settle` runs one pass (for a cron next to a ClickHouse server); `tollgate scheduler` runs it
 while it holds the scheduler lease.
 
-Each pass then stores the daily totals per workspace of every ended day that is one part
+Each pass settles the days of ``feedback_generations`` (migration 0025) the same way, then
+stores the daily totals per workspace of every ended day that is one part
 (warehouse/queries/daily.py, migration 0024), which the workspace groups read instead of
 the day's requests for as long as that part is the day's only one.
 
@@ -32,6 +33,7 @@ from clickhouse_connect.driver.client import Client
 
 from warehouse.cluster import Layout, layout
 from warehouse.queries.daily import prune, roll_up
+from warehouse.queries.feedback_generations import TABLE as FEEDBACK_GENERATIONS
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +67,12 @@ def _last_ended(now: datetime | None, grace: timedelta) -> date:
     return ((now or datetime.now(UTC)) - grace).date() - timedelta(days=1)
 
 
-def unsettled(client: Client, now: datetime | None = None, grace: timedelta = timedelta(hours=1)) -> list[Day]:
+def unsettled(client: Client, now: datetime | None = None, grace: timedelta = timedelta(hours=1),
+              table: str = "generations") -> list[Day]:
     """Days that ended at least ``grace`` before ``now`` and are not one merged part, newest first."""
     last_ended = _last_ended(now, grace)
     where = layout(client)
-    params = {"db": client.command("SELECT currentDatabase()"), "t": where.local("generations")}
+    params = {"db": client.command("SELECT currentDatabase()"), "t": where.local(table)}
     days = []
     for partition_id, parts, rows in client.query(unsettled_days_sql(where), parameters=params).result_rows:
         match = _DAY_ID.match(partition_id)
@@ -96,6 +99,9 @@ def settle(client: Client, now: datetime | None = None, grace: timedelta = timed
         log.info("settled %s: %d parts, %d rows → 1 part", day.day, day.parts, day.rows)
         done.append(day)
     if not where.cluster:
+        # The requests whose trace has feedback (0025; not kept in cluster mode): read with FINAL too.
+        for day in unsettled(client, now, grace, table=FEEDBACK_GENERATIONS)[:max_days]:
+            client.command(f"OPTIMIZE TABLE {FEEDBACK_GENERATIONS} PARTITION ID '{day.partition_id}' FINAL")
         roll_up(client, _last_ended(now, grace), max_days)
         prune(client, now or datetime.now(UTC))
     return done

@@ -94,13 +94,29 @@ def measures_for(columns: list[str]) -> list[str]:
     return list(dict.fromkeys(m for c in columns for m in COLUMNS[c].measures)) or ["requests"]
 
 
+def merge_feedback(frame: pl.DataFrame, feedback: pa.Table) -> pl.DataFrame:
+    """The group rows with their feedback columns (read apart: ``grouped_split``), joined on the
+    key the requests were grouped by; the total rows (key NULL) join each other."""
+    on = "key_hash" if "key_hash" in frame.columns else "key"
+    extra = pl.from_arrow(feedback)
+    assert isinstance(extra, pl.DataFrame)
+    extra = extra.rename({"key": on})
+    if frame.schema[on] != extra.schema[on]:  # e.g. a dictionary-encoded string on one side only
+        frame, extra = frame.with_columns(col(on).cast(pl.String)), extra.with_columns(col(on).cast(pl.String))
+    return frame.join(extra, on=on, how="left", nulls_equal=True)
+
+
 _TOTAL = "__total_row"  # respond()'s marker of the total row (its NULL key), dropped before answering
 
 
 def respond(table: pa.Table, key_name: str, fields: dict[str, pl.Expr], page: Page,
-            summary: bool = False, formats: dict | None = None) -> dict:
+            summary: bool = False, formats: dict | None = None, feedback: pa.Table | None = None) -> dict:
     """The groups' page (and, with ``summary``, the total row's fields) of a grouped query's
     result: its rows with a ``key``, and the total row (key NULL) if the query made one.
+
+    ``feedback``: the groups' feedback columns when they were read apart (``grouped_split``),
+    merged here by key (by ``key_hash`` for users and metadata groups), total row with total row;
+    a group without feedback gets zeros.
 
     One pass: absent numbers become 0, every field is shaped in one Polars select over all
     rows, total row included (each field is an expression of its own row's values), and
@@ -109,6 +125,8 @@ def respond(table: pa.Table, key_name: str, fields: dict[str, pl.Expr], page: Pa
     server did not send is all zeros."""
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
+    if feedback is not None:
+        frame = merge_feedback(frame, feedback)
     frame = frame.with_columns((cs.numeric() - cs.by_name("key")).fill_null(0))
     shape = [col("key").is_null().alias(_TOTAL), col("key").alias(key_name), *(e.alias(n) for n, e in fields.items())]
     shaped = frame.select(shape)

@@ -114,6 +114,18 @@ def _include_total(request: Request) -> bool:
     return raw in ("true", "1")
 
 
+def _grouped(request: Request, aq: AnalyticsQuery, group: str, measures: list[str], metadata_key: str | None = None,
+             feedback: bool = False, total: bool = True):
+    """The groups' table, and their feedback columns as a second table when a single server reads
+    them apart (``grouped_split``: at once on a second client when one is idle), else None."""
+    pool = request.app.state.warehouse
+    with pool.borrow() as client:
+        if feedback and q.reads_feedback_copy(client):
+            with pool.borrow_spare() as spare:
+                return q.grouped_split(client, spare, aq.where, group, measures, metadata_key=metadata_key, total=total)
+        return q.grouped(client, aq.where, group, measures, metadata_key=metadata_key, feedback=feedback, total=total), None
+
+
 def _requests_and_cost(request: Request, aq: AnalyticsQuery, group: str, key_name: str) -> Response:
     """The spec's users and ai-models groups: requests and cost, as strings."""
     page = _page(request, ["requests", "cost"], key_name, "requests")
@@ -138,10 +150,9 @@ def group_metadata(metadataKey: str, request: Request, aq: AnalyticsQuery = Depe
         raise invalid("metadataKey", "must be 1–256 characters", metadataKey[:300])
     fields = list(groups.METADATA_FIELDS)
     page = _page(request, fields, "metadata_value", "requests")
-    with request.app.state.warehouse.borrow() as client:
-        table = q.grouped(client, aq.where, "metadata", ["requests", "cost", "tokens", "last_seen"],
-                          metadata_key=metadataKey, feedback=True, total=False)
-    return _json(groups.respond(table, "metadata_value", groups.METADATA_FIELDS, page))
+    table, feedback = _grouped(request, aq, "metadata", ["requests", "cost", "tokens", "last_seen"],
+                               metadata_key=metadataKey, feedback=True, total=False)
+    return _json(groups.respond(table, "metadata_value", groups.METADATA_FIELDS, page, feedback=feedback))
 
 
 def _columns_group(request: Request, aq: AnalyticsQuery, group: str, key_name: str) -> Response:
@@ -153,10 +164,9 @@ def _columns_group(request: Request, aq: AnalyticsQuery, group: str, key_name: s
     include_total = _include_total(request)
     measures = groups.measures_for(columns)
     wants_feedback = any(groups.COLUMNS[c].feedback for c in columns)
-    with request.app.state.warehouse.borrow() as client:
-        table = q.grouped(client, aq.where, group, measures, feedback=wants_feedback, total=include_total)
+    table, feedback = _grouped(request, aq, group, measures, feedback=wants_feedback, total=include_total)
     fields = {c: groups.COLUMNS[c].expr for c in columns}
-    return _json(groups.respond(table, key_name, fields, page, summary=include_total))
+    return _json(groups.respond(table, key_name, fields, page, summary=include_total, feedback=feedback))
 
 
 @router.get("/groups/workspaces", summary="the chosen columns per workspace")

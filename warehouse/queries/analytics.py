@@ -12,11 +12,14 @@ percentiles are the true window values, computed in the same scan.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 
 from warehouse.client import with_settings
 from warehouse.filters import Where
+from warehouse.queries.feedback_generations import TABLE as FEEDBACK_GENERATIONS, kept as keeps_feedback_generations
 from warehouse.queries.final import FINAL_READ
 from warehouse.queries.metadata import texts as metadata_texts
 
@@ -94,6 +97,14 @@ def read(client: Client, sql: str, params: dict) -> pa.Table:
     return client.query_arrow(with_settings(sql, FINAL_SETTINGS), parameters=params)
 
 
+def _requests(client: Client, where: Where) -> str:
+    """The table of the requests ``where`` selects: ``feedback_generations`` (0025) when they all have
+    feedback (the weighted-feedback filter) and the warehouse keeps it, else ``generations``."""
+    if where.only_traces_with_feedback and keeps_feedback_generations(client):
+        return FEEDBACK_GENERATIONS
+    return "generations"
+
+
 def bucket_sql(column: str, granularity: str) -> str:
     """Bucket start, as epoch seconds of the wall clock at ``{tz_offset:Int32}``.
 
@@ -135,7 +146,7 @@ def series(client: Client, where: Where, measures: list[str], granularity: str, 
     """One row per non-empty bucket (``bucket`` = local epoch seconds) plus the total row (bucket NULL)."""
     sql = (
         f"SELECT {bucket_sql('created_at', granularity)} AS bucket, {_select(measures)} "
-        f"FROM generations FINAL WHERE {where.sql} "
+        f"FROM {_requests(client, where)} FINAL WHERE {where.sql} "
         "GROUP BY GROUPING SETS ((bucket), ())"
     )
     return read(client, sql, {**where.params, "tz_offset": tz_offset})
@@ -143,18 +154,19 @@ def series(client: Client, where: Where, measures: list[str], granularity: str, 
 
 def totals(client: Client, where: Where, measures: list[str]) -> pa.Table:
     """One row: the measures over the whole selection."""
-    sql = f"SELECT {_select(measures)} FROM generations FINAL WHERE {where.sql}"
+    sql = f"SELECT {_select(measures)} FROM {_requests(client, where)} FINAL WHERE {where.sql}"
     return read(client, sql, where.params)
 
 
 def grouped(client: Client, where: Where, group: str, measures: list[str], metadata_key: str | None = None,
             feedback: bool = False, total: bool = True) -> pa.Table:
     """One row per group (``key``) plus, with ``total``, the row of the whole selection (key NULL).
-    Users and metadata groups drop requests without a (non-empty) value.
+    Users and metadata groups drop requests without a (non-empty) value; their rows also
+    carry ``key_hash``, the hash the requests were grouped by (``key`` is its text).
 
     With ``feedback``, also ``requests_with_feedback`` and the feedback sums
     (FEEDBACK_MEASURES) of each group's distinct traces, in the same scan: see
-    :func:`_with_feedback`."""
+    :func:`_with_feedback` (what a cluster reads; a single server reads :func:`grouped_split`)."""
     from warehouse.queries import daily  # (it builds on this module's measures)
 
     if daily.serves(where, group, measures, feedback):
@@ -163,19 +175,71 @@ def grouped(client: Client, where: Where, group: str, measures: list[str], metad
             return table
     params = dict(where.params)
     group, condition = _group_condition(group, where.sql, params, metadata_key)
-    sets = "GROUPING SETS ((key), ())" if total else "key"
     if not feedback:
-        sql = f"SELECT {GROUP_KEYS[group]} AS key, {_select(measures)} FROM generations FINAL WHERE {condition} GROUP BY {sets}"
+        sql = _groups(_requests(client, where), GROUP_KEYS[group], condition, total, measures)
     else:
         sql = _with_feedback(where, GROUP_KEYS[group], condition, total, measures)
-    if group in ("user", "metadata"):
-        if total:
-            raise ValueError(f"{group} groups have no total row")
-        # The groups' texts. LEFT: a hash without its text (never, as ingest stores the texts
-        # first) would show as an empty value rather than vanish from the counts.
-        texts = metadata_texts(where.one_workspace, user=group == "user")
-        sql = f"SELECT v.value AS key, g.* EXCEPT (key) FROM ({sql}) AS g LEFT JOIN ({texts}) AS v ON v.hash = g.key"
-    return read(client, sql, params)
+    return read(client, _with_texts(sql, where, group, total), params)
+
+
+def grouped_split(client: Client, spare: Client | None, where: Where, group: str, measures: list[str],
+                  metadata_key: str | None = None, total: bool = True) -> tuple[pa.Table, pa.Table]:
+    """:func:`grouped` with ``feedback``, on a warehouse that keeps ``feedback_generations`` (0025,
+    :func:`reads_feedback_copy`): the groups without their feedback columns, and those columns
+    per group (``key``; the hash for users and metadata groups) and total row, from the requests
+    with feedback alone, as two queries, at once when ``spare`` (a second client) is given.
+    ``metrics.groups.respond`` merges them by key.
+
+    Two queries at once instead of one: on the 10M-row benchmark's all-columns group 87–91 ms
+    against 105–109 (docs/analytics.md, "Requests with feedback"). The feedback columns no longer
+    probe every request of the window for feedback, and the two queries share the two cores."""
+    params = dict(where.params)
+    group, condition = _group_condition(group, where.sql, params, metadata_key)
+    key = GROUP_KEYS[group]
+    main = _with_texts(_groups(_requests(client, where), key, condition, total, measures), where, group, total)
+    feedback = _feedback_of_groups(where, key, condition, total)
+    if spare is None:
+        return read(client, main, params), read(client, feedback, params)
+    pending = _SPARE.submit(read, spare, feedback, params)
+    try:
+        groups = read(client, main, params)
+    finally:
+        feedback_table = pending.result()
+    return groups, feedback_table
+
+
+def reads_feedback_copy(client: Client) -> bool:
+    """Whether groups with feedback columns are read with :func:`grouped_split` (a single server)."""
+    return keeps_feedback_generations(client)
+
+
+# The second query of grouped_split runs here (the route's own thread runs the first).
+_SPARE = ThreadPoolExecutor(max_workers=4, thread_name_prefix="analytics-spare")
+
+# Measures whose per-request state is large (every latency, every user): with a total row, their
+# groups' states are merged into it rather than computed a second time over every request.
+_HEAVY = {"latency_q", "users"}
+
+
+def _groups(source: str, key: str, condition: str, total: bool, measures: list[str]) -> str:
+    """One row per group of the selected requests, plus, with ``total``, the total row (key NULL)."""
+    if not total:
+        return f"SELECT {key} AS key, {_select(measures)} FROM {source} FINAL WHERE {condition} GROUP BY key"
+    if _HEAVY.isdisjoint(measures):
+        return f"SELECT {key} AS key, {_select(measures)} FROM {source} FINAL WHERE {condition} GROUP BY GROUPING SETS ((key), ())"
+    return _total_from_groups(f"SELECT {key} AS key, {_group_states(measures)} FROM {source} FINAL WHERE {condition} GROUP BY key", measures)
+
+
+def _with_texts(sql: str, where: Where, group: str, total: bool) -> str:
+    """Users and metadata groups: the texts of their keys (metadata_values, 0023), ``key_hash`` kept."""
+    if group not in ("user", "metadata"):
+        return sql
+    if total:
+        raise ValueError(f"{group} groups have no total row")
+    # LEFT: a hash without its text (never, as ingest stores the texts first) would show as an
+    # empty value rather than vanish from the counts.
+    texts = metadata_texts(where.one_workspace, user=group == "user")
+    return f"SELECT v.value AS key, g.key AS key_hash, g.* EXCEPT (key) FROM ({sql}) AS g LEFT JOIN ({texts}) AS v ON v.hash = g.key"
 
 
 # Feedback joins its trace's requests on the 64-bit hash of trace_id, materialized in
@@ -246,16 +310,19 @@ TRACE_ATTRIBUTES = {
 }
 
 
-def _traces(where: Where, attributes: tuple[str, ...] = ()) -> str:
+def _traces(client: Client, where: Where, attributes: tuple[str, ...] = ()) -> str:
     """The traces (``trace_hash``, and ``tws``, the workspace, organisation-wide) of the selected
     generations that have feedback, with their number of requests and the asked
-    ``attributes`` (names of TRACE_ATTRIBUTES)."""
+    ``attributes`` (names of TRACE_ATTRIBUTES): read from the requests with feedback alone
+    (``feedback_generations``, 0025) where the warehouse keeps them, else by probing every
+    selected request."""
     names = ", ".join(_trace_columns(where))
     extra = "".join(f", {TRACE_ATTRIBUTES[a]} AS {a}" for a in attributes)
-    return (
-        f"SELECT {_select_trace(where)}{extra}, count() AS requests "
-        f"FROM generations FINAL WHERE {where.sql} AND {_has_feedback(where)} GROUP BY {names}"
-    )
+    if keeps_feedback_generations(client):
+        source = f"{FEEDBACK_GENERATIONS} FINAL WHERE {where.sql}"
+    else:
+        source = f"generations FINAL WHERE {where.sql} AND {_has_feedback(where)}"
+    return f"SELECT {_select_trace(where)}{extra}, count() AS requests FROM {source} GROUP BY {names}"
 
 
 # The feedback of each trace: its count, Σ value·weight, Σ weight and the count per score.
@@ -271,7 +338,7 @@ def feedback_series(client: Client, where: Where, granularity: str, tz_offset: i
     """Feedback per bucket of its trace's first request, plus the total row."""
     sql = (
         f"SELECT {bucket_sql('t.first_at', granularity)} AS bucket, {FEEDBACK_MEASURES} "
-        f"FROM ({_per_trace(where)}) AS f INNER JOIN ({_traces(where, attributes=('first_at',))}) AS t ON {_on_trace(where)} "
+        f"FROM ({_per_trace(where)}) AS f INNER JOIN ({_traces(client, where, attributes=('first_at',))}) AS t ON {_on_trace(where)} "
         "GROUP BY GROUPING SETS ((bucket), ())"
     )
     return read(client, sql, {**where.params, "tz_offset": tz_offset})
@@ -281,7 +348,7 @@ def feedback_by(client: Client, where: Where, by: str) -> pa.Table:
     """Feedback counted per ``score`` (its value) or per ``model`` (of the trace's first request).
 
     Per score only ``feedbacks`` is meaningful (the trace's count of that score)."""
-    traces = _traces(where, attributes=('model',) if by == 'model' else ())
+    traces = _traces(client, where, attributes=('model',) if by == 'model' else ())
     joined = f"FROM ({_per_trace(where)}) AS f INNER JOIN ({traces}) AS t ON {_on_trace(where)}"
     if by == "score":
         sql = (
@@ -328,20 +395,57 @@ def _with_feedback(where: Where, key: str, condition: str, total: bool, measures
     traces. A second grouping set in the scan did all the per-request work of the
     aggregates a second time; distinct users per group are counted from an array of the
     group's user hashes (one hash set at a time) rather than 40 hash sets at once."""
-    trace = "trace_hash" if where.one_workspace else "(workspace_slug, trace_hash)"
+    trace = _trace_value(where)
     fb = f"countIf(has_feedback) AS requests_with_feedback, groupArrayIf({trace}, has_feedback) AS traces"
-    aggregates = ", ".join(f"{_TOTAL_FROM_GROUPS[m][0]} AS {m}" for m in measures) if total else _select(measures)
+    aggregates = _group_states(measures) if total else _select(measures)
     scan = (f"WITH {_has_feedback(where)} AS has_feedback SELECT {key} AS key, {aggregates}, {fb} "
             f"FROM generations FINAL WHERE {condition} GROUP BY key")
     if total:
-        merged = ", ".join(f"{_TOTAL_FROM_GROUPS[m][1]} AS {m}" for m in measures)
-        scan = (f"SELECT key, {merged}, sum(requests_with_feedback) AS requests_with_feedback, "
-                f"arrayFlatten(groupArray(traces)) AS traces FROM ({scan}) GROUP BY GROUPING SETS ((key), ())")
-    on = "f.trace_hash = t" if where.one_workspace else "f.tws = t.1 AND f.trace_hash = t.2"
+        scan = _total_from_groups(scan, measures, _TRACES_FROM_GROUPS)
     carried = ", ".join(f"any(g.{m}) AS {m}" for m in [*measures, "requests_with_feedback"])
     # A group without traces keeps one row (LEFT ARRAY JOIN, t = 0 or ('', 0)), which joins no
     # feedback: feedback trace ids are never empty, so no trace_feedback row has hash 0.
     return (
         f"SELECT g.key AS key, {carried}, {FEEDBACK_MEASURES} FROM ({scan}) AS g "
-        f"LEFT ARRAY JOIN arrayDistinct(g.traces) AS t LEFT JOIN ({_per_trace(where)}) AS f ON {on} GROUP BY g.key"
+        f"LEFT ARRAY JOIN arrayDistinct(g.traces) AS t LEFT JOIN ({_per_trace(where)}) AS f ON {_on_array_trace(where)} GROUP BY g.key"
     )
+
+
+def _feedback_of_groups(where: Where, key: str, condition: str, total: bool) -> str:
+    """Per group of the selected requests with feedback (``feedback_generations``, 0025), and with
+    ``total`` for the total row (key NULL): ``requests_with_feedback`` and the feedback sums of the
+    group's distinct traces (a trace counts once per group, and once in the total row)."""
+    scan = (f"SELECT {key} AS key, count() AS requests_with_feedback, groupArray({_trace_value(where)}) AS traces "
+            f"FROM {FEEDBACK_GENERATIONS} FINAL WHERE {condition} GROUP BY key")
+    if total:
+        scan = _total_from_groups(scan, [], _TRACES_FROM_GROUPS)
+    return (
+        f"SELECT g.key AS key, any(g.requests_with_feedback) AS requests_with_feedback, {FEEDBACK_MEASURES} FROM ({scan}) AS g "
+        f"LEFT ARRAY JOIN arrayDistinct(g.traces) AS t LEFT JOIN ({_per_trace(where)}) AS f ON {_on_array_trace(where)} GROUP BY g.key"
+    )
+
+
+def _trace_value(where: Where) -> str:
+    """A request's trace as the feedback join names it: its hash in one workspace, else (workspace, hash)."""
+    return "trace_hash" if where.one_workspace else "(workspace_slug, trace_hash)"
+
+
+def _on_array_trace(where: Where) -> str:
+    """The join condition of a ``trace_feedback`` row (``f``) and a trace ``t`` of a group's trace array."""
+    return "f.trace_hash = t" if where.one_workspace else "f.tws = t.1 AND f.trace_hash = t.2"
+
+
+# The feedback columns' parts of a group row, merged into the total row.
+_TRACES_FROM_GROUPS = "sum(requests_with_feedback) AS requests_with_feedback, arrayFlatten(groupArray(traces)) AS traces"
+
+
+def _group_states(measures: list[str]) -> str:
+    """The measures of a group as the total row merges them (_TOTAL_FROM_GROUPS)."""
+    return ", ".join(f"{_TOTAL_FROM_GROUPS[m][0]} AS {m}" for m in measures)
+
+
+def _total_from_groups(scan: str, measures: list[str], carried: str = "") -> str:
+    """The group rows of ``scan`` (grouped by ``key``, measures as :func:`_group_states`) and the total
+    row made from them (GROUPING SETS over the group rows)."""
+    merged = ", ".join([*(f"{_TOTAL_FROM_GROUPS[m][1]} AS {m}" for m in measures), *([carried] if carried else [])])
+    return f"SELECT key, {merged} FROM ({scan}) GROUP BY GROUPING SETS ((key), ())"

@@ -8,6 +8,7 @@ from typing import Any
 
 from clickhouse_connect.driver.client import Client
 
+from warehouse.queries.feedback_generations import copy_traces
 from warehouse.queries.scope import TenantScope
 
 COLUMNS = ["id", "organisation_id", "workspace_slug", "trace_id", "value", "weight", "metadata.key", "metadata.value",
@@ -57,6 +58,9 @@ def refresh_traces(client: Client, traces: Iterable[tuple[str, str]] | None = No
     former one counting it: rewritten without it, the former one's version, Σ updated_at of fewer
     feedback, is smaller than the one written before, which stays in force until the former
     one's own feedback adds up to more. The API's PUT keeps both, docs/events.md.)
+
+    Then the requests of those traces are copied into ``feedback_generations`` (0025), whose
+    invariant needs them there from the moment their trace has a row here.
     """
     if traces is None:
         sql, params = _TRACE_AGGREGATE.replace("{ids}", "").replace("{where}", ""), {"orgs": sorted(set(orgs))}
@@ -67,3 +71,4 @@ def refresh_traces(client: Client, traces: Iterable[tuple[str, str]] | None = No
         sql = _TRACE_AGGREGATE.replace("{ids}", _IDS_ON_TRACES).replace("{where}", "WHERE trace_id IN {trace_ids:Array(String)}")
         params = {"orgs": sorted({o for o, _ in pairs}), "trace_ids": sorted({t for _, t in pairs})}
     client.command("INSERT INTO trace_feedback " + sql, parameters=params, settings=settings)
+    copy_traces(client, None if traces is None else pairs, orgs=params["orgs"], settings=settings)

@@ -12,7 +12,7 @@ percentiles are the true window values, computed in the same scan.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
@@ -204,8 +204,8 @@ def grouped_split(client: Client, spare: Client | None, where: Where, group: str
     try:
         groups = read(client, main, params)
     finally:
-        feedback_table = pending.result()
-    return groups, feedback_table
+        wait([pending])  # the spare client goes back to the pool only once its query is done
+    return groups, pending.result()
 
 
 def reads_feedback_copy(client: Client) -> bool:

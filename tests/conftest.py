@@ -250,5 +250,29 @@ def committed_total(bootstrap: str, group: str, topic: str, partitions: int) -> 
     return sum(max(o, 0) for o in committed_offsets(bootstrap, group, topic, partitions).values())
 
 
+def wait_ingested(settings, *topics: str, timeout: float = 60.0) -> bool:
+    """Until the ingest has committed every message of ``topics`` up to the topics' current end.
+
+    A batch's offsets are committed only after everything that follows its insert (the
+    per-trace feedback sums, the copies of requests with feedback: ingest/sink.py), so then
+    every read sees the batch whole. Waiting for rows in a table instead can end between a
+    batch's insert and those steps."""
+    def caught_up() -> bool:
+        consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+        try:
+            for topic in topics:
+                parts = [TopicPartition(topic, p) for p in range(settings.topic_partitions)]
+                ends = consumer.end_offsets(parts)
+                committed = committed_offsets(settings.kafka_bootstrap, f"{settings.ingest_consumer_group}.{topic}",
+                                              topic, settings.topic_partitions)
+                if any(max(committed[tp.partition], 0) < ends[tp] for tp in parts):  # -1: none committed (an empty partition)
+                    return False
+            return True
+        finally:
+            consumer.close()
+
+    return wait_until(caught_up, timeout=timeout, interval=0.2)
+
+
 def count_generations(client, org: str) -> int:
     return int(client.command("SELECT count() FROM generations FINAL WHERE organisation_id = {o:String}", parameters={"o": org}))

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from analytics_api.app import create_app
 from analytics_api.auth import HEADER
-from conftest import count_generations, publish, read_topic, wait_until
+from conftest import count_generations, publish, read_topic, wait_ingested, wait_until
 from tollgate.broker import free_port
 from factories import gateway_log
 
@@ -68,7 +68,10 @@ def half_away(x: float) -> int:
     return int(Decimal(repr(x)).quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
-def weighted(api, key) -> dict:
+def weighted(api, key, settings) -> dict:
+    """The weighted-feedback graph, once the ingest has committed all feedback sent (its sums and
+    copies are done then: conftest.wait_ingested)."""
+    assert wait_ingested(settings, settings.topic_feedback)
     r = api.get("/v1/analytics/graphs/feedbacks/weighted", params=WINDOW, headers={HEADER: key})
     assert r.status_code == 200, r.text
     return r.json()
@@ -208,7 +211,7 @@ def test_update_supersedes_in_analytics_and_in_the_row(settings, workers, api, w
     id_a, id_b = r.json()["feedback_ids"]
     assert wait_until(lambda: len(stored(warehouse, org)) == 2)
     original = stored(warehouse, org)[id_a]
-    graph = weighted(api, key)
+    graph = weighted(api, key, settings)
     assert graph["summary"]["avg"] == half_away((5 * 1 + -2 * 0.5) / (1 + 0.5)) == 3
 
     r = put(api, key, id_a, {"value": -4, "weight": 0.25, "metadata": {"reason": "changed"}})
@@ -222,7 +225,7 @@ def test_update_supersedes_in_analytics_and_in_the_row(settings, workers, api, w
     assert row["created_at"] == original["created_at"] and row["updated_at"] > original["updated_at"]
     expected = half_away((-4 * 0.25 + -2 * 0.5) / (0.25 + 0.5))
     assert expected == -3
-    graph = weighted(api, key)
+    graph = weighted(api, key, settings)
     assert graph["summary"]["avg"] == expected
     points = [p for p in graph["data_points"] if p["avg"] != 0]
     assert len(points) == 1 and points[0]["avg"] == expected  # both traces start in one (hourly) bucket
@@ -233,7 +236,7 @@ def test_update_supersedes_in_analytics_and_in_the_row(settings, workers, api, w
     assert wait_until(lambda: stored(warehouse, org)[id_a]["value"] == 9)
     row = stored(warehouse, org)[id_a]
     assert (row["weight"], row["metadata"], row["created_at"]) == (0.25, {"reason": "changed"}, original["created_at"])
-    assert weighted(api, key)["summary"]["avg"] == half_away((9 * 0.25 + -2 * 0.5) / (0.25 + 0.5)) == 2
+    assert weighted(api, key, settings)["summary"]["avg"] == half_away((9 * 0.25 + -2 * 0.5) / (0.25 + 0.5)) == 2
 
 
 def test_update_of_another_tenants_feedback_is_404(settings, workers, api, warehouse, make_key, org):

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import orjson
 import polars as pl
 
-from conftest import publish, wait_until
+from conftest import publish, wait_ingested, wait_until
 from factories import gateway_log, iso
 from ingest.events import FEEDBACK, GENERATIONS
 from ingest.sink import insert_rows
@@ -164,6 +164,7 @@ def test_feedback_counts_for_the_requests_of_its_trace_in_its_own_workspace(sett
         parameters={"o": org}).result_rows == [(4, 5)], timeout=60)
     assert wait_until(lambda: int(warehouse.command(
         "SELECT count() FROM generations FINAL WHERE organisation_id = {o:String}", parameters={"o": org})) == 5)
+    assert wait_ingested(settings, settings.topic_gateway_logs, settings.topic_feedback)
     assert warehouse.query("SELECT workspace_slug FROM feedback FINAL WHERE id = {id:String}",
                            parameters={"id": r.json()["feedback_ids"][0]}).result_rows == [("default",)]
 

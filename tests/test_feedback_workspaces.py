@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 
 from analytics_reference import Reference, feedback_frame, generations_frame, without_float_noise
-from conftest import count_generations, migrations_before, publish, wait_until
+from conftest import count_generations, migrations_before, publish, wait_ingested, wait_until
 from factories import gateway_log, iso
 
 T0 = datetime(2026, 5, 4, 9, tzinfo=UTC)
@@ -69,6 +69,7 @@ def loaded(settings, workers, warehouse, producer, org, make_key):
     # another partition, hence another batch, after its trace already has a row)
     expected = _expected_per_workspace(warehouse, feedback, org)
     assert wait_until(lambda: _stored_per_workspace(warehouse, org) == expected, timeout=60)
+    assert wait_ingested(settings, settings.topic_gateway_logs, settings.topic_feedback)
     ref = Reference(generations_frame(logs, org), feedback_frame(feedback, org))
     # the data spans workspaces: some trace has feedback in two workspaces that both have its requests
     spanning = ref.gens.filter(pl.col("has_fb")).group_by("trace").agg(n=pl.col("ws").n_unique()).filter(pl.col("n") > 1)

@@ -24,7 +24,7 @@ from analytics_api.app import create_app
 from analytics_api.auth import SCOPES, hash_key, new_key
 from analytics_reference import (Q50, Q99, Reference, Window, feedback_frame, generations_frame, quantile, round_dec, round_int,
                                  without_float_noise)
-from conftest import count_generations, publish, wait_until
+from conftest import count_generations, publish, wait_ingested, wait_until
 from spec_schemas import SPEC, STRICT, resolve
 from ingest.producer import ensure_topics, make_producer
 from ingest.workers import IngestWorkers
@@ -398,6 +398,7 @@ def api(base_settings, broker, warehouse):
         assert wait_until(lambda: count_generations(warehouse, ORG) == REFERENCE.gens.height, timeout=60)
         assert wait_until(lambda: count_generations(warehouse, DATA.noise_org) == 100, timeout=60)
         assert wait_until(lambda: _stored_feedback(warehouse, ORG) == expected_feedback, timeout=60)
+        assert wait_ingested(settings, settings.topic_gateway_logs, settings.topic_feedback)
     finally:
         pool.stop()
         producer.close()
